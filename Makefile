@@ -1,0 +1,49 @@
+# Two commands on a fresh machine:  make test  |  make quickstart
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+SHAPES ?= data/shapes
+
+.PHONY: install test test-all quickstart lint format bench clean
+
+# The venv is (re)built when pyproject.toml changes. torch comes first, pinned, from the local
+# wheel cache (see README, "Install"); then the package with its dev extras.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# The default suite: CPU, no real weights, under 15 minutes on 2 cores.
+test: install
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Everything, including tests marked slow (they skip with a reason when weights are absent).
+test-all: install
+	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
+
+# The main job on the embedded default: make ShapesWorld, train the VQGAN on CPU, report the
+# reconstruction error before and after training, and where the checkpoint and samples went.
+quickstart: install
+	test -f $(SHAPES)/train/filenames.pickle || \
+	  $(PY) scripts/make_shapes.py --out $(SHAPES) --n-train 2000 --n-test 200 --size 64 --seed 0
+	$(PY) train.py experiment=vqgan_shapes data.root=$(SHAPES)
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+bench: install
+	$(PY) scripts/bench/trans_sampling.py
+	$(PY) scripts/bench/trans_train_step.py
+
+clean:
+	rm -rf .pytest_cache .ruff_cache outputs multirun

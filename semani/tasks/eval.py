@@ -1,0 +1,54 @@
+"""The evaluation task: load a checkpoint and run ``trainer.test`` on the data set's test split."""
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+from semani.utils.instantiators import instantiate_callbacks, instantiate_loggers
+from semani.utils.pylogger import get_pylogger
+from semani.utils.task_utils import extras, log_hyperparameters, task_wrapper
+
+log = get_pylogger(__name__)
+
+
+@task_wrapper
+def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Evaluate ``cfg.ckpt_path`` on ``cfg.data``'s test split; return (metric dict, objects)."""
+    ckpt_path = Path(str(cfg.ckpt_path))
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path} does not exist. Pass a Lightning checkpoint written by "
+            "train.py, e.g. ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt"
+        )
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    model: pl.LightningModule = hydra.utils.instantiate(cfg.model)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    object_dict = {
+        "cfg": cfg,
+        "datamodule": datamodule,
+        "model": model,
+        "callbacks": callbacks,
+        "logger": loggers,
+        "trainer": trainer,
+    }
+    log_hyperparameters(object_dict)
+
+    log.info("Testing checkpoint %s", ckpt_path)
+    trainer.test(model=model, datamodule=datamodule, ckpt_path=str(ckpt_path))
+    metric_dict = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return metric_dict, object_dict
+
+
+def main(cfg: DictConfig) -> dict[str, float]:
+    """Entry point for ``eval.py``."""
+    extras(cfg)
+    metric_dict, _ = evaluate(cfg)
+    return metric_dict

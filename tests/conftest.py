@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny ShapesWorld data set written once per test session."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads() -> None:
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ShapesWorld data set (32 train / 8 test images, 64 px) in the CUB-like layout."""
+    from semani.data.shapes import generate_shapes
+
+    out = tmp_path_factory.mktemp("shapes") / "shapes"
+    generate_shapes(out, n_train=32, n_test=8, size=64, seed=0)
+    return out
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+REPO_ROOT = CONFIG_DIR.parent
+
+
+def compose(config_name: str, overrides: list[str], output_dir: Path | None = None):
+    """Compose a real config of ``configs/`` as ``train.py``/``eval.py`` would, for in-process use.
+
+    Hydra's runtime node is kept so that ``${hydra:...}`` interpolations resolve; the output folder
+    is redirected to ``output_dir`` when given.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+            cfg.paths.log_dir = str(output_dir / "logs")
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
