@@ -73,7 +73,7 @@ def test_eval_task_on_checkpoint(shapes_root: Path, tmp_path: Path) -> None:
             "data.num_workers=0",
             "extras.print_config=false",
             f"ckpt_path={ckpt}",
-            "+trainer.limit_test_batches=2",
+            "trainer.limit_test_batches=2",
         ],
         tmp_path / "eval",
     )

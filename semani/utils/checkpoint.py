@@ -1,0 +1,156 @@
+"""Safe checkpoint IO: weights-only unpickling and strict, readable state-dict loading.
+
+Checkpoints are read with ``torch.load(..., weights_only=True)``: tensors, containers and
+primitives only. Lightning-1.x checkpoints (e.g. the official taming-transformers VQGANs) also
+reference a few Lightning classes as metadata (the ModelCheckpoint class is the key of their
+``callbacks`` dict). Those exact names, and only those, are mapped to an inert stand-in class
+through ``torch.serialization.safe_globals``; nothing from Lightning is imported or run. Any other
+global makes the load fail with an error that names it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class LegacyLightningObject:
+    """Inert stand-in for a Lightning-1.x class referenced by an old checkpoint.
+
+    It accepts and ignores whatever the pickle passes, so unpickling it cannot run Lightning code.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+# Exact pickle names (``module.qualname``) allowed in legacy Lightning checkpoints. Official
+# taming checkpoints (PL 1.0) key their ``callbacks`` state by the ModelCheckpoint class itself.
+LEGACY_LIGHTNING_GLOBALS: tuple[str, ...] = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+)
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """The checkpoint needs globals outside the weights-only allow-list; it was not loaded."""
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The checkpoint's state dict does not fit the model it is loaded into."""
+
+
+def _safe_globals() -> list[tuple[type, str]]:
+    return [(LegacyLightningObject, name) for name in LEGACY_LIGHTNING_GLOBALS]
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a ``torch.save`` file on the CPU with weights-only unpickling.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        UnsafeCheckpointError: the pickle references a global that is not allowed (the message
+            names it); no code from the file was run.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: '{path}' (resolved: '{path.resolve()}')")
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(_unsafe_message(path, err)) from None
+    if not isinstance(ckpt, dict):
+        raise TypeError(f"checkpoint '{path}' holds a {type(ckpt).__name__}, expected a dict")
+    return ckpt
+
+
+def _unsafe_message(path: Path, err: Exception) -> str:
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # legacy (non-zip) format: fall back to torch's own message
+        names = []
+    found = ", ".join(names) if names else f"see torch's message: {err}"
+    return (
+        f"refusing to load checkpoint '{path}': its pickle needs globals that are not on the "
+        f"weights-only allow-list: {found}. Unpickling them could run arbitrary code, so nothing "
+        f"was loaded. Allowed beyond torch's defaults: {', '.join(LEGACY_LIGHTNING_GLOBALS)}. If "
+        "you trust the file, re-save just its tensors (e.g. {'state_dict': ...}) and load that."
+    )
+
+
+def get_state_dict(ckpt: Mapping[str, Any], source: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Return ``ckpt['state_dict']`` or fail naming what the checkpoint holds instead."""
+    sd = ckpt.get("state_dict")
+    if not isinstance(sd, Mapping):
+        keys = ", ".join(sorted(map(str, ckpt.keys()))[:10]) or "nothing"
+        raise KeyError(
+            f"checkpoint '{source}' has no 'state_dict' (where a Lightning checkpoint stores the "
+            f"weights); its top-level keys are: {keys}"
+        )
+    return dict(sd)
+
+
+def _preview(keys: list[str], n: int = 5) -> str:
+    more = f", ... ({len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _prefixes(keys: list[str]) -> str:
+    return ", ".join(sorted({k.split(".")[0] + "." for k in keys}))
+
+
+def load_state_dict_strict(
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, expected: str
+) -> None:
+    """``module.load_state_dict(state_dict, strict=True)`` with an error that reads.
+
+    Args:
+        module: the model to fill.
+        state_dict: the weights.
+        source: where they came from (a path), for the message.
+        expected: what kind of checkpoint fits (e.g. "a taming VQModel state_dict").
+
+    Raises:
+        CheckpointMismatchError: naming a few missing / unexpected / mis-shaped keys and the
+            top-level prefixes the model expects.
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        lines = [
+            f"checkpoint '{source}' does not fit {type(module).__name__}: expected {expected}"
+        ]
+        lines.append(f"(top-level prefixes {_prefixes(list(own))}).")
+        if missing:
+            lines.append(f"{len(missing)} missing keys: {_preview(missing)}.")
+        if unexpected:
+            lines.append(
+                f"{len(unexpected)} unexpected keys (prefixes {_prefixes(unexpected)}): "
+                f"{_preview(unexpected)}."
+            )
+        if shapes:
+            lines.append(
+                f"{len(shapes)} shape mismatches (checkpoint vs model): {_preview(shapes, 3)}; "
+                "does the model config match the checkpoint's?"
+            )
+        raise CheckpointMismatchError(" ".join(lines))
+    module.load_state_dict(state_dict, strict=True)
