@@ -31,7 +31,12 @@ test-all: install
 quickstart: install
 	test -f $(SHAPES)/train/filenames.pickle || \
 	  $(PY) scripts/make_shapes.py --out $(SHAPES) --n-train 2000 --n-test 200 --size 64 --seed 0
-	$(PY) train.py experiment=vqgan_shapes data.root=$(SHAPES)
+	rm -rf logs/quickstart/vqgan_shapes
+	$(PY) train.py experiment=vqgan_shapes data.root=$(SHAPES) hydra.run.dir=logs/quickstart/vqgan_shapes
+	mkdir -p pretrained/vqgan_shapes
+	cp logs/quickstart/vqgan_shapes/checkpoints/last.ckpt pretrained/vqgan_shapes/last.ckpt
+	@echo "VQGAN checkpoint: pretrained/vqgan_shapes/last.ckpt (run: logs/quickstart/vqgan_shapes)"
+	@echo "reconstructions: logs/quickstart/vqgan_shapes/images/"
 
 lint: install
 	$(PY) -m ruff check .

@@ -8,7 +8,7 @@ import torch
 
 @pytest.fixture(scope="session", autouse=True)
 def _torch_threads() -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # tiny models: a second thread only adds contention
 
 
 @pytest.fixture(scope="session")

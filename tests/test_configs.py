@@ -69,7 +69,10 @@ def test_slurm_launcher_config() -> None:
             return_hydra_config=True,
         )
     launcher = cfg.hydra.launcher
-    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (
+        launcher._target_
+        == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    )
     assert launcher.partition == "gpu" and launcher.gpus_per_node == launcher.tasks_per_node
 
 
@@ -124,3 +127,20 @@ def test_instantiate_targets_exist(tmp_path: Path) -> None:
     cfg = compose("train", [], tmp_path)
     for node in (cfg.trainer, *cfg.callbacks.values(), *cfg.logger.values()):
         hydra.utils.get_class(node._target_)
+
+
+def test_finetune_step2_requires_the_step1_checkpoint(tmp_path: Path) -> None:
+    step1 = compose("train", ["experiment=semani_trans_cub"], tmp_path)
+    assert step1.model.vg_prob == 0.0 and step1.model.init_ckpt.endswith("semani_trans_cc12m.ckpt")
+    step2 = compose("train", ["experiment=semani_trans_cub", "finetune=step2"], tmp_path)
+    assert step2.model.vg_prob == 0.5
+    assert OmegaConf.is_missing(step2, "step1_ckpt")
+    with pytest.raises(Exception, match="step1_ckpt"):
+        OmegaConf.to_container(step2.model, resolve=True, throw_on_missing=True)
+    step2 = compose(
+        "train", ["experiment=semani_trans_cub", "finetune=step2", "step1_ckpt=/x/last.ckpt"]
+    )
+    assert step2.model.init_ckpt == "/x/last.ckpt"
+    ablation = compose("train", ["experiment=semani_trans_oxford_no_semantic_loss"], tmp_path)
+    assert ablation.model.lambda_sem == 0.0 and ablation.model.clip is None
+    assert ablation.data.dataset == "oxford"

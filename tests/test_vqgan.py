@@ -224,15 +224,15 @@ def tiny_model(disc_start: int = 2, seed: int = 0) -> VQGANModule:
 def test_tiny_config_tokens_round_trip() -> None:
     model = tiny_model().eval()
     assert isinstance(model.hparams["ddconfig"], dict) and isinstance(model.hparams["loss"], dict)
-    assert model.n_embed == 256 and model.embed_dim == 32 and model.downsample_factor == 4
+    assert model.n_embed == 256 and model.embed_dim == 32 and model.downsample_factor == 8
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     tokens = model.encode_to_tokens(x)
-    assert tokens.shape == (2, 16, 16) and tokens.dtype == torch.long
+    assert tokens.shape == (2, 8, 8) and tokens.dtype == torch.long
     assert 0 <= int(tokens.min()) and int(tokens.max()) < 256
     with torch.no_grad():
         images = model.decode_tokens(tokens)
         assert images.shape == (2, 3, 64, 64)
-        torch.testing.assert_close(images, model(x)[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(images, model(x)[0], atol=1e-4, rtol=1e-4)
         # a codebook vector quantizes back to its own index
         codes = torch.randperm(256, generator=torch.Generator().manual_seed(1))[:32].reshape(
             2, 4, 4

@@ -63,7 +63,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         for key in sorted(k for k in metric_dict if k.startswith("before/")):
             after = metric_dict.get(key.removeprefix("before/"))
             if after is not None:
-                log.info("%s: %.5f before training -> %.5f after", key[7:], metric_dict[key], after)
+                log.info(
+                    "%s: %.5f before training -> %.5f after", key[7:], metric_dict[key], after
+                )
 
     if cfg.get("test"):
         log.info("Starting testing")

@@ -6,7 +6,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 
 def get_pylogger(name: str = __name__) -> logging.Logger:
-    """Return ``logging.getLogger(name)`` with its emitting methods wrapped to run on rank 0 only."""
+    """``logging.getLogger(name)`` with its emitting methods wrapped to run on rank 0 only."""
     logger = logging.getLogger(name)
     for level in ("debug", "info", "warning", "error", "exception", "fatal", "critical"):
         method = getattr(logger, level)

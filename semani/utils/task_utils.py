@@ -57,7 +57,9 @@ def extras(cfg: DictConfig) -> None:
     if cfg.extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore")
     if cfg.extras.get("enforce_tags") and not cfg.get("tags"):
-        raise ValueError("No tags given: set tags=[...] on the command line (extras.enforce_tags).")
+        raise ValueError(
+            "No tags given: set tags=[...] on the command line (extras.enforce_tags)."
+        )
     if cfg.extras.get("print_config"):
         print_config_tree(cfg, save_to_file=True)
 
@@ -68,7 +70,11 @@ def print_config_tree(cfg: DictConfig, save_to_file: bool = False) -> None:
     tree = rich.tree.Tree("CONFIG", guide_style="dim")
     for key, value in cfg.items():
         branch = tree.add(str(key))
-        text = OmegaConf.to_yaml(value, resolve=False) if isinstance(value, DictConfig) else str(value)
+        text = (
+            OmegaConf.to_yaml(value, resolve=False)
+            if isinstance(value, DictConfig)
+            else str(value)
+        )
         branch.add(rich.syntax.Syntax(text, "yaml"))
     rich.print(tree)
     if save_to_file:
@@ -98,7 +104,7 @@ def log_hyperparameters(object_dict: dict[str, Any]) -> None:
 
 
 def get_metric_value(metric_dict: dict[str, Any], metric_name: str | None) -> float | None:
-    """Return ``metric_dict[metric_name]`` as a float (for sweepers); error if it was never logged."""
+    """``metric_dict[metric_name]`` as a float (for sweepers); error if it was never logged."""
     if not metric_name:
         return None
     if metric_name not in metric_dict:
