@@ -10,6 +10,7 @@ import torch
 
 from semani.tasks.eval import evaluate
 from semani.tasks.train import train
+from semani.utils.checkpoint import load_checkpoint
 from tests.conftest import REPO_ROOT, compose
 
 TINY = [
@@ -47,14 +48,14 @@ def test_resume_restores_step_and_optimizer_state(shapes_root: Path, tmp_path: P
     _, first = _fit(shapes_root, tmp_path / "a", max_steps=4)
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
     assert last.is_file()
-    saved = torch.load(last, map_location="cpu", weights_only=False)
+    saved = load_checkpoint(last)
     assert saved["global_step"] == 4
     assert len(saved["optimizer_states"]) == 2  # autoencoder + discriminator
 
     _, second = _fit(shapes_root, tmp_path / "b", max_steps=8, ckpt_path=last)
     trainer = second["trainer"]
     assert trainer.global_step == 8  # continued from 4, not restarted from 0
-    resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
+    resumed = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.ckpt")
     assert resumed["global_step"] == 8
     # Adam's step counters continued from the saved ones
     step_before = saved["optimizer_states"][0]["state"][0]["step"]
@@ -108,5 +109,25 @@ def test_train_py_ddp_cpu_two_processes(shapes_root: Path, tmp_path: Path) -> No
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 4
+
+
+def test_semani_trans_shapes_fast_dev_run(shapes_root: Path, tmp_path: Path) -> None:
+    """`train.py experiment=semani_trans_shapes debug=fdr` with a random stage-1 VQGAN."""
+    cfg = compose(
+        "train",
+        [
+            "experiment=semani_trans_shapes",
+            f"data.root={shapes_root}",
+            "data.batch_size=2",
+            "model.vqgan.ckpt_path=null",
+            "extras.print_config=false",
+            "debug=fdr",
+        ],
+        tmp_path,
+    )
+    metrics, objects = train(cfg)
+    assert objects["model"].gpt.config.n_layer == 4
+    for key in ("train/loss", "train/loss_img", "train/loss_txt"):
+        assert torch.isfinite(torch.tensor(metrics[key])), key

@@ -1,0 +1,270 @@
+"""A frozen open_clip model that scores images in [-1, 1] and captions.
+
+`ClipModel(model_name, pretrained)` wraps `open_clip.create_model` and `open_clip.get_tokenizer`:
+
+- `model_name`: any open_clip architecture (`"ViT-B-32"`, `"ViT-L-14"`, ...) or the tiny test
+  architecture `"semani-tiny-ViT"` (a JSON in `semani/modules/clip_configs/`, registered with
+  open_clip when this module is imported).
+- `pretrained`: None (random init, tests), a local checkpoint file (an open_clip state dict, a
+  `.safetensors` file, or OpenAI's TorchScript release such as `ViT-B-32.pt`), or an open_clip
+  tag (`"openai"`, `"laion2b_s34b_b79k"`). A tag is resolved from the local caches only
+  (`~/.cache/clip`, the Hugging Face cache): nothing is downloaded unless `allow_download=True`,
+  and a tag whose weights are not cached fails at once with a message naming the fix.
+
+`encode_image` takes generator outputs directly: (B, 3, H, W) in [-1, 1], resized
+differentiably to the model's input size (bicubic, no antialias, shorter side then centre crop as
+CLIP's preprocessing) and normalised with the model's mean/std inside. The model is frozen
+(`eval()`, no gradients on its weights) and stays in eval mode when a parent calls `.train()`;
+gradients still flow to the *input* images, which the CLIP semantic loss needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ClipModel", "TINY_CLIP_NAME", "CLIP_CONFIG_DIR", "resolve_pretrained"]
+
+CLIP_CONFIG_DIR = Path(__file__).parent / "clip_configs"
+TINY_CLIP_NAME = "semani-tiny-ViT"  # embed 32, ViT 2 layers x 64 wide, 32 px, patch 8, ctx 77
+
+if TINY_CLIP_NAME not in open_clip.list_models():
+    open_clip.add_model_config(CLIP_CONFIG_DIR)
+
+_HF_DEFAULT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _is_torchscript(path: str | Path) -> bool:
+    """True for a TorchScript archive (OpenAI's CLIP release files are TorchScript)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(name.endswith("constants.pkl") for name in zf.namelist())
+
+
+def _cached_tag_file(tag_cfg: dict, cache_dir: str | None) -> str | None:
+    """The local file of an open_clip pretrained tag if a cache holds it, else None."""
+    if tag_cfg.get("file"):
+        return tag_cfg["file"] if os.path.isfile(tag_cfg["file"]) else None
+    hub = tag_cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, filename = os.path.split(hub)
+        names = [filename] if filename else list(_HF_DEFAULT_FILES)
+        if filename and not filename.endswith(".safetensors"):
+            names.insert(0, os.path.splitext(filename)[0] + ".safetensors")
+        for name in names:
+            hit = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
+            if isinstance(hit, str) and os.path.isfile(hit):
+                return hit
+    url = tag_cfg.get("url", "")
+    if url:
+        target = os.path.join(
+            cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(url)
+        )
+        if os.path.isfile(target):
+            return target
+    return None
+
+
+def resolve_pretrained(
+    model_name: str, pretrained: str | None, cache_dir: str | None = None
+) -> tuple[str | None, dict]:
+    """Map `pretrained` to a local file without touching the network.
+
+    Returns (path or None, the open_clip tag config or {}). Raises FileNotFoundError for a path
+    that does not exist and RuntimeError for a tag whose weights are not in a local cache.
+    """
+    if pretrained is None or str(pretrained) == "":
+        return None, {}
+    path = Path(str(pretrained)).expanduser()
+    if path.is_file():
+        return str(path), {}
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, str(pretrained))
+    if not tag_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise FileNotFoundError(
+            f"CLIP weights {pretrained!r}: no such file, and not an open_clip pretrained tag of "
+            f"{model_name!r} (known tags: {tags or 'none'}). Pass the path of a local checkpoint."
+        )
+    cached = _cached_tag_file(tag_cfg, cache_dir)
+    if cached is None:
+        source = tag_cfg.get("hf_hub") or tag_cfg.get("url") or "the open_clip hub"
+        raise RuntimeError(
+            f"CLIP weights {model_name}/{pretrained!r} are not in a local cache and cannot be "
+            f"fetched here (no network at run time). Download them where a network exists (from "
+            f"{source}) and pass the local file, e.g. pretrained=/path/to/{model_name}.pt "
+            f"(open_clip accepts a checkpoint path), or set allow_download=True on a machine "
+            f"with network access."
+        )
+    return cached, tag_cfg
+
+
+class ClipModel(nn.Module):
+    """Frozen open_clip model with [-1, 1] image input and caption/tensor text input.
+
+    Args:
+        model_name: open_clip architecture name (or `TINY_CLIP_NAME` for tests).
+        pretrained: None, a local checkpoint path, or an open_clip tag resolved from the caches.
+        image_size: override the architecture's input size (random-init/tests, or a checkpoint
+            whose positional embedding open_clip resizes).
+        cache_dir: where to look for cached tag weights (open_clip's `cache_dir`).
+        allow_download: pass a tag straight to open_clip, which downloads it (needs network).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "ViT-B-32",
+        pretrained: str | None = None,
+        image_size: int | None = None,
+        cache_dir: str | None = None,
+        allow_download: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model_name = model_name
+        if model_name.startswith("hf-hub:") and not allow_download:
+            raise RuntimeError(
+                f"CLIP {model_name!r} would be fetched from the Hugging Face hub, which is not "
+                "reachable here. Use an open_clip architecture name with pretrained=<local "
+                f"file>, or 'local-dir:<folder>' holding open_clip_config.json and the weights."
+            )
+        kwargs: dict = {"force_image_size": image_size} if image_size else {}
+        if allow_download or model_name.startswith(("local-dir:", "hf-hub:")):
+            source, tag_cfg = pretrained, {}
+        else:
+            source, tag_cfg = resolve_pretrained(model_name, pretrained, cache_dir)
+        if tag_cfg.get("quick_gelu"):
+            kwargs["force_quick_gelu"] = True
+        tag_pre = {k: tag_cfg[k] for k in ("mean", "std") if k in tag_cfg}
+        if tag_pre:
+            kwargs["force_preprocess_cfg"] = tag_pre
+
+        if source is not None and os.path.isfile(source) and _is_torchscript(source):
+            # OpenAI's release files (ViT-B-32.pt): open_clip rebuilds the model from the archive
+            model = open_clip.load_openai_model(source, precision="fp32", device="cpu")
+        else:
+            model = open_clip.create_model(
+                model_name, pretrained=source, cache_dir=cache_dir, **kwargs
+            )
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(model_name.replace("/", "-"))
+
+        pre = getattr(model.visual, "preprocess_cfg", None) or {}
+        mean, std = pre.get("mean", OPENAI_DATASET_MEAN), pre.get("std", OPENAI_DATASET_STD)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        size = model.visual.image_size
+        self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)
+        self.context_length: int = int(getattr(model, "context_length", 77))
+        self.embed_dim: int = int(self.encode_text(["a"]).shape[-1])
+        self.eval()  # frozen: the wrapper itself too (see `train`)
+        n = sum(p.numel() for p in self.model.parameters())
+        log.info(
+            "CLIP %s loaded from %s: %.1fM parameters (frozen), input %s, embed dim %d",
+            model_name, source or "random init", n / 1e6, self.image_size, self.embed_dim,
+        )  # fmt: skip
+
+    def train(self, mode: bool = True) -> ClipModel:
+        """The wrapper is a frozen scorer: it stays in eval mode whatever the parent asks."""
+        return super().train(False)
+
+    # ---------------------------------------------------------------- images
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 3, h, w) CLIP input, differentiable."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
+        th, tw = self.image_size
+        H, W = images.shape[-2:]
+        if (H, W) != (th, tw):
+            scale = max(th / H, tw / W)  # shorter side to the target, then centre crop
+            rh, rw = max(th, round(H * scale)), max(tw, round(W * scale))
+            images = F.interpolate(
+                images, size=(rh, rw), mode="bicubic", align_corners=False, antialias=False
+            )  # (B, 3, rh, rw)
+            top, left = (rh - th) // 2, (rw - tw) // 2
+            images = images[..., top : top + th, left : left + tw]  # (B, 3, th, tw)
+        x = (images + 1) / 2  # [0, 1]
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, D) image embeddings (L2-normalised by default)."""
+        return self.model.encode_image(self.preprocess(images), normalize=normalize)
+
+    def encode_image_tokens(self, images: Tensor, normalize: bool = True) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, N, D) patch-token embeddings in the joint space.
+
+        The patch tokens after the final LayerNorm, through the same projection as the pooled
+        embedding (what FILIP-style token-wise similarity uses with a plain CLIP ViT). The grid
+        is `(h / patch, w / patch)` in row-major order.
+        """
+        visual = self.model.visual
+        if not isinstance(visual, open_clip.transformer.VisionTransformer):
+            raise NotImplementedError(
+                f"patch tokens need an open_clip VisionTransformer tower; {self.model_name} has "
+                f"{type(visual).__name__}"
+            )
+        old = visual.output_tokens
+        visual.output_tokens = True
+        try:
+            _, tokens = visual(self.preprocess(images))  # (B, N, width)
+        finally:
+            visual.output_tokens = old
+        if visual.proj is not None:
+            tokens = tokens @ visual.proj  # (B, N, D)
+        return F.normalize(tokens, dim=-1) if normalize else tokens
+
+    # ---------------------------------------------------------------- text
+
+    def tokenize(self, texts: str | Sequence[str]) -> Tensor:
+        """Captions -> (B, context_length) token ids with this model's tokenizer."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return self.tokenizer(list(texts)).to(self.mean.device)
+
+    def fit_context(self, tokens: Tensor) -> Tensor:
+        """Pad or truncate (B, L) CLIP-BPE ids to the model's context; truncation keeps EOT."""
+        L, ctx = tokens.shape[1], self.context_length
+        if L < ctx:
+            return F.pad(tokens, (0, ctx - L), value=0)
+        if L == ctx:
+            return tokens
+        eot = getattr(self.tokenizer, "eot_token_id", None)
+        if eot is None:
+            raise ValueError(
+                f"text tokens have length {L} > the CLIP context {ctx} and this tokenizer has no "
+                f"EOT id to keep; pass the captions as strings instead"
+            )
+        out = tokens[:, :ctx].clone()  # (B, ctx)
+        lost = ~(out == eot).any(dim=1) & (tokens == eot).any(dim=1)  # EOT was cut off
+        out[lost, -1] = eot
+        return out
+
+    def encode_text(self, text: Sequence[str] | str | Tensor, normalize: bool = True) -> Tensor:
+        """Captions, or (B, L) token ids, -> (B, D) text embeddings (L2-normalised by default)."""
+        if isinstance(text, Tensor):
+            if text.dim() != 2 or text.dtype != torch.long:
+                raise ValueError(
+                    f"text tokens must be a (B, L) LongTensor, got {tuple(text.shape)}"
+                )
+            tokens = self.fit_context(text.to(self.mean.device))
+        else:
+            tokens = self.tokenize(text)
+        return self.model.encode_text(tokens, normalize=normalize)
+
+    def similarity(self, images: Tensor, text: Sequence[str] | Tensor) -> Tensor:
+        """Paired cosine similarity (B,) between images in [-1, 1] and their texts."""
+        return (self.encode_image(images) * self.encode_text(text)).sum(-1)
