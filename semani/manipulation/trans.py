@@ -16,14 +16,12 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.transforms.functional import rgb_to_grayscale
 
 from semani.manipulation.sampling import sample_image_tokens
 from semani.modules.gpt import SemaniGPT
 
 log = logging.getLogger(__name__)
-
-# ITU-R 601-2 luma, as PIL's convert("L")
-_LUMA = (0.299, 0.587, 0.114)
 
 
 class TokenCodec(Protocol):
@@ -71,9 +69,11 @@ def mask_to_token_mask(
 
 
 def to_grayscale(images: Tensor) -> Tensor:
-    """(B, 3, H, W) in [-1, 1] -> luma replicated to 3 channels (B, 3, H, W)."""
-    w = images.new_tensor(_LUMA).view(1, 3, 1, 1)
-    return (images * w).sum(1, keepdim=True).expand(-1, 3, -1, -1)  # (B, 3, H, W)
+    """(B, 3, H, W) in [-1, 1] -> luma replicated to 3 channels, exactly as in training.
+
+    The same torchvision conversion `SemaniTransModule` uses for the vision-guidance tokens.
+    """
+    return rgb_to_grayscale(images, num_output_channels=3)  # (B, 3, H, W)
 
 
 class TransEditor:

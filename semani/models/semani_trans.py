@@ -33,10 +33,10 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
-from torchvision.transforms.functional import rgb_to_grayscale
 
 from semani.data.tokenizer import text_padding_mask
 from semani.manipulation.sampling import sample_image_tokens
+from semani.manipulation.trans import to_grayscale
 from semani.models.vqgan import VQGANModule
 from semani.modules.clip import ClipModel
 from semani.modules.gpt import GPTConfig, SemaniGPT
@@ -252,7 +252,7 @@ class SemaniTransModule(pl.LightningModule):
         cfg = self.gpt.config
         gray = torch.zeros(B, cfg.image_len, dtype=torch.long, device=images.device)
         if bool(use_gray.any()):
-            g = rgb_to_grayscale(images[use_gray], num_output_channels=3)  # (b, 3, H, W)
+            g = to_grayscale(images[use_gray])  # (b, 3, H, W)
             gray[use_gray] = self.image_tokens(g).flatten(1)
         return gray
 
