@@ -390,3 +390,28 @@ def test_f16_config_is_the_paper_vqgan_and_asks_for_lpips(tmp_path: Path, monkey
     assert {k.split(".")[1] for k in model.state_dict() if k.startswith("loss.")} == {
         "discriminator"
     }
+
+
+def test_dead_codes_are_restarted_to_encoder_outputs() -> None:
+    """Codes no token used within `restart_dead_codes` batches become encoder outputs."""
+    model = tiny_model()
+    model.restart_dead_codes = 2
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        h = model.quant_conv(model.encoder(x))  # (2, e, 8, 8)
+        tokens = model.quantize(h)[2][2]
+    before = model.quantize.embedding.weight.detach().clone()
+    used = torch.zeros(model.n_embed, dtype=torch.bool)
+    used[tokens.flatten()] = True
+    assert (~used).sum() > 0
+
+    model._restart_dead_codes(h, tokens, step=0)  # first batch of the window: only counts
+    torch.testing.assert_close(model.quantize.embedding.weight, before)
+    model._restart_dead_codes(h, tokens, step=1)  # end of the window: restart
+    after = model.quantize.embedding.weight.detach()
+    torch.testing.assert_close(after[used], before[used])  # used codes untouched
+    z = h.permute(0, 2, 3, 1).reshape(-1, model.embed_dim)
+    for row in after[~used]:  # every restarted code is one of the encoder outputs
+        assert torch.isclose(z, row).all(1).any()
+    assert model.code_usage.sum() == 0  # the window starts afresh
+    assert "code_usage" not in model.state_dict()  # official checkpoints still load strictly

@@ -42,6 +42,7 @@ _HPARAMS = (
     "beta",
     "legacy",
     "image_key",
+    "restart_dead_codes",
 )
 
 
@@ -83,6 +84,10 @@ class VQGANModule(pl.LightningModule):
         legacy: taming's ``VectorQuantizer2(legacy=True)`` puts beta on the codebook term
             (the "buggy" default that the official checkpoints were trained with).
         image_key: key of the images in a batch dict.
+        restart_dead_codes: every this many training batches, codes that no token used since
+            the last check are reset to random encoder outputs of the current batch (the
+            "random restart" of Jukebox, Dhariwal et al. 2020); 0 (taming's behaviour) = never.
+            Small codebooks trained briefly (ShapesWorld) otherwise collapse onto a few codes.
     """
 
     def __init__(
@@ -95,6 +100,7 @@ class VQGANModule(pl.LightningModule):
         beta: float = 0.25,
         legacy: bool = True,
         image_key: str = "image",
+        restart_dead_codes: int = 0,
     ) -> None:
         super().__init__()
         ddconfig, loss = _plain(ddconfig), _plain(loss)
@@ -102,7 +108,10 @@ class VQGANModule(pl.LightningModule):
             raise ValueError(
                 "a VQGAN needs ddconfig.double_z=false (taming's Encoder default is true)"
             )
-        values = (ddconfig, n_embed, embed_dim, loss, learning_rate, beta, legacy, image_key)
+        values = (
+            ddconfig, n_embed, embed_dim, loss, learning_rate, beta, legacy, image_key,
+            int(restart_dead_codes),
+        )  # fmt: skip
         self.save_hyperparameters(dict(zip(_HPARAMS, values)))
         self.automatic_optimization = False
         self.n_embed, self.embed_dim = int(n_embed), int(embed_dim)
@@ -123,6 +132,9 @@ class VQGANModule(pl.LightningModule):
         )
         self.quant_conv = nn.Conv2d(ddconfig["z_channels"], self.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(self.embed_dim, ddconfig["z_channels"], 1)
+        self.restart_dead_codes = int(restart_dead_codes)
+        # tokens per code since the last restart check (not saved: official keys stay strict)
+        self.register_buffer("code_usage", torch.zeros(self.n_embed), persistent=False)
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
@@ -272,7 +284,11 @@ class VQGANModule(pl.LightningModule):
         opt_ae, opt_disc = self.optimizers()
         step = self.global_step // 2  # batches trained so far: each batch steps both optimisers
         x = self.get_input(batch)
-        xrec, qloss = self(x)
+        h = self.quant_conv(self.encoder(x))  # (B, e, h, w)
+        z_q, qloss, (_, _, tokens) = self.quantize(h)
+        xrec = self.decode(z_q)
+        if self.restart_dead_codes:
+            self._restart_dead_codes(h.detach(), tokens, step)
 
         with self.toggled_optimizer(opt_ae):  # autoencoder (generator) update
             aeloss, log_ae = loss_fn.generator_loss(
@@ -306,6 +322,26 @@ class VQGANModule(pl.LightningModule):
             batch_size=bs,
         )
         self.log_dict({**log_ae, **log_disc}, on_step=True, on_epoch=True, batch_size=bs)
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, h: Tensor, tokens: Tensor, step: int) -> None:
+        """Count code usage; every ``restart_dead_codes`` batches reset unused codes."""
+        self.code_usage += torch.bincount(tokens.flatten(), minlength=self.n_embed)
+        if (step + 1) % self.restart_dead_codes:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.code_usage)
+        dead = self.code_usage == 0  # (K,)
+        n_dead = int(dead.sum())
+        if n_dead:
+            z = h.permute(0, 2, 3, 1).reshape(-1, self.embed_dim)  # (B*h*w, e)
+            pick = torch.randint(len(z), (n_dead,), device=z.device)
+            codebook = self.quantize.embedding.weight  # (K, e)
+            codebook[dead] = z[pick].to(codebook.dtype)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.broadcast(codebook, src=0)  # every rank keeps one codebook
+        self.log("train/dead_codes", float(n_dead), on_step=True, on_epoch=False)
+        self.code_usage.zero_()
 
     def _eval_step(self, batch: Mapping[str, Any], split: str) -> None:
         """Losses on a held-out batch, logged per epoch as ``{split}/rec_loss`` etc."""
