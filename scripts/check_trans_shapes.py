@@ -12,8 +12,10 @@ palette (``semani.data.shapes.COLORS``):
 - **manipulation** (eL-TGIM): the first entity's colour word is replaced by an unused colour, its
   mask turned into a token mask, and the tokens there re-sampled with vision guidance
   (``TransEditor``). ``edit_success`` is the fraction of edits where, inside the entity mask, the
-  new colour covers more pixels than the old one; ``outside_l2`` is the mean squared change
-  (images in [-1, 1]) outside the token mask's pixels.
+  new colour covers more pixels than the old one; ``outside_l2`` is the mean squared difference
+  (images in [-1, 1]), outside the token mask's pixels, between the edit and the VQGAN
+  reconstruction of the unedited tokens (forced tokens are equal: only the decoder's receptive
+  field lets an edit bleed out).
 """
 
 from __future__ import annotations
@@ -117,15 +119,21 @@ def main() -> None:
             mask = mask_to_token_mask(s["entity_masks"][0], (8, 8), min_tokens=1)
         except MaskTooSmallError:
             continue
-        out = editor.edit(s["image"], mask, text, gray_guidance=True, seed=args.seed + i)[0]
+        orig, new_tokens = editor.edit_tokens(
+            s["image"], mask, text, gray_guidance=True, seed=args.seed + i
+        )  # (1, h, w) each
+        with torch.inference_mode():
+            out, recon = vqgan.decode_tokens(torch.cat([new_tokens, orig]))  # (3, H, W) each
         pix_mask = s["entity_masks"][0] > 0.5  # (H, W)
         new_px = colour_fraction(out[None], COLORS[new], args.radius)[0][pix_mask].sum()
         old_px = colour_fraction(out[None], tuple(e["rgb"]), args.radius)[0][pix_mask].sum()
         success += int(new_px > old_px)
         edits += 1
-        keep = ~F.interpolate(mask[None, None].float(), size=out.shape[-2:], mode="nearest")[0, 0]
-        keep = keep.bool()
-        outside.append(((out - s["image"]) ** 2)[:, keep].mean().item())
+        up = F.interpolate(
+            mask[None, None].float(), size=out.shape[-2:], mode="nearest"
+        )  # (1,1,H,W)
+        keep = up[0, 0] < 0.5  # (H, W): pixels of tokens that were forced
+        outside.append(((out - recon) ** 2)[:, keep].mean().item())
         edited_images.append(torch.stack([s["image"], out]))
 
     if args.out:
