@@ -36,7 +36,7 @@ quickstart: install
 	mkdir -p pretrained/vqgan_shapes
 	cp logs/quickstart/vqgan_shapes/checkpoints/last.ckpt pretrained/vqgan_shapes/last.ckpt
 	@echo "VQGAN checkpoint: pretrained/vqgan_shapes/last.ckpt (run: logs/quickstart/vqgan_shapes)"
-	@echo "reconstructions: logs/quickstart/vqgan_shapes/images/"
+	@echo "reconstructions: logs/quickstart/vqgan_shapes/csv/version_0/images/"
 
 lint: install
 	$(PY) -m ruff check .
