@@ -20,6 +20,7 @@ install: $(VENV)/.installed
 
 # The default suite: CPU, no real weights, under 15 minutes on 2 cores.
 test: install
+	$(PY) -m ruff check .
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Everything, including tests marked slow (they skip with a reason when weights are absent).

@@ -93,7 +93,9 @@ def test_to_grayscale():
     white = torch.ones(1, 3, 2, 2)  # torchvision's luma weights sum to 0.9999
     torch.testing.assert_close(to_grayscale(white), white, atol=2e-4, rtol=0)
     red = torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1)
-    torch.testing.assert_close(to_grayscale(red)[0, :, 0, 0], torch.full((3,), 0.2989 - 0.587 - 0.114))
+    torch.testing.assert_close(
+        to_grayscale(red)[0, :, 0, 0], torch.full((3,), 0.2989 - 0.587 - 0.114)
+    )
 
 
 def test_edit_keeps_tokens_and_pixels_outside_mask(editor):
