@@ -8,7 +8,9 @@ import torch
 
 @pytest.fixture(scope="session", autouse=True)
 def _torch_threads() -> None:
-    torch.set_num_threads(1)  # tiny models: a second thread only adds contention
+    # Tiny models gain nothing from a second thread, and when the cores are busy OpenMP
+    # spin-waits make thousands of tiny ops ~50x slower: the whole suite runs single-threaded.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -9,16 +9,6 @@ from semani.modules.gpt import GPTConfig, KVCache, SemaniGPT
 EOT = 49407
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from 2 threads, and on a busy machine OpenMP spin-waits make
-    thousands of tiny ops ~50x slower; run this module single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(seed: int = 0, **overrides) -> SemaniGPT:
     torch.manual_seed(seed)
     return SemaniGPT(GPTConfig.tiny(**overrides)).eval()

@@ -14,16 +14,6 @@ from semani.modules.gpt import GPTConfig, SemaniGPT
 B = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from 2 threads, and on a busy machine OpenMP spin-waits make
-    thousands of tiny ops ~50x slower; run this module single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model() -> SemaniGPT:
     torch.manual_seed(0)

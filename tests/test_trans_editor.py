@@ -16,16 +16,6 @@ from semani.modules.gpt import GPTConfig, SemaniGPT
 PATCH, LEVELS = 16, 4  # 64 px -> 4x4 tokens, 4^3 = 64 codes
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from 2 threads, and on a busy machine OpenMP spin-waits make
-    thousands of tiny ops ~50x slower; run this module single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class PatchColourCodec:
     """Stand-in for VQGANModule's token interface: one code per 16x16 patch = its mean colour
     quantised to 4 levels per channel; decoding paints the patch with that colour."""
