@@ -73,7 +73,9 @@ def main() -> None:
     model.eval()
     gpt, vqgan = model.gpt, model.vqgan
     tok = TextTokenizer(context_length=gpt.config.text_len)
-    ds = ShapesWorldDataset(args.data, "test", image_size=64, context_length=gpt.config.text_len,
+    h = w = int(gpt.config.image_len**0.5)  # token grid
+    size = h * vqgan.downsample_factor  # image side the model was trained on
+    ds = ShapesWorldDataset(args.data, "test", image_size=size, context_length=gpt.config.text_len,
                             deterministic=True)  # fmt: skip
     n = min(args.n, len(ds))
     samples = [ds[i] for i in range(n)]
@@ -88,7 +90,6 @@ def main() -> None:
         text = tok([s["caption"] for s in chunk])
         with torch.inference_mode():
             tokens = sample_image_tokens(gpt, text, filter_thres=args.filter_thres, generator=gen)
-            h = w = int(gpt.config.image_len**0.5)
             images = vqgan.decode_tokens(tokens.view(-1, h, w))
         generated.append(images)
         for j, img in enumerate(images):
@@ -116,7 +117,7 @@ def main() -> None:
             continue
         text = s["caption"].replace(e["color"], new, 1)
         try:
-            mask = mask_to_token_mask(s["entity_masks"][0], (8, 8), min_tokens=1)
+            mask = mask_to_token_mask(s["entity_masks"][0], (h, w), min_tokens=1)
         except MaskTooSmallError:
             continue
         orig, new_tokens = editor.edit_tokens(

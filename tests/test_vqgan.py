@@ -415,3 +415,35 @@ def test_dead_codes_are_restarted_to_encoder_outputs() -> None:
         assert torch.isclose(z, row).all(1).any()
     assert model.code_usage.sum() == 0  # the window starts afresh
     assert "code_usage" not in model.state_dict()  # official checkpoints still load strictly
+
+
+def test_conv_arch_config_round_trips_learns_and_reloads(tmp_path: Path) -> None:
+    """`model=vqgan_conv_tiny`: f4 at 32 px -> 8x8 tokens, trains, and reloads with its arch."""
+    torch.manual_seed(0)
+    cfg = OmegaConf.load(CONFIGS / "model" / "vqgan_conv_tiny.yaml")
+    model = hydra.utils.instantiate(cfg)
+    assert model.hparams["arch"] == "conv" and model.downsample_factor == 4
+    assert type(model.encoder).__name__ == "ConvEncoder"
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(4, 3, 1, 1, generator=g) * 2 - 1).expand(-1, -1, 32, 32).clone()  # backgrounds
+    x[:, :, 8:20, 8:20] = torch.tensor([0.9, -0.8, 0.1]).view(1, 3, 1, 1)  # a coloured square
+    with torch.no_grad():
+        tokens = model.encode_to_tokens(x)
+        assert tokens.shape == (4, 8, 8)
+        assert model.decode_tokens(tokens).shape == (4, 3, 32, 32)
+        start = (model(x)[0] - x).abs().mean()
+    trainer = _trainer(tmp_path, max_steps=200, enable_checkpointing=True)
+    trainer.fit(model, DataLoader([{"image": xi} for xi in x], batch_size=4))
+    model.eval()
+    with torch.no_grad():
+        end = (model(x)[0] - x).abs().mean()
+    assert end < 0.75 * start  # 100 batches of the same 4 images: the error falls
+    ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    loaded = VQGANModule.from_checkpoint(ckpt)
+    assert loaded.hparams["arch"] == "conv" and loaded.hparams["betas"] == [0.9, 0.999]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], model(x)[0])
+    kwargs = OmegaConf.to_container(cfg)
+    kwargs.pop("_target_")
+    with pytest.raises(ValueError, match="unknown VQGAN arch 'unet'"):
+        VQGANModule(**{**kwargs, "arch": "unet"})
