@@ -5,12 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from semani.data.tokenizer import TextTokenizer
-from semani.manipulation.trans import (
-    MaskTooSmallError,
-    TransEditor,
-    mask_to_token_mask,
-    to_grayscale,
-)
+from semani.data.transforms import to_grayscale
+from semani.manipulation.trans import MaskTooSmallError, TransEditor, mask_to_token_mask
 from semani.modules.gpt import GPTConfig, SemaniGPT
 
 PATCH, LEVELS = 16, 4  # 64 px -> 4x4 tokens, 4^3 = 64 codes

@@ -24,16 +24,12 @@ Each image is cropped as AttnGAN's ``get_imgs`` does (``semani.data.base.cub_cro
 square of half-side ``int(0.75·max(w, h))`` around the bird box centre, clipped to the image),
 then resized to ``image_size``. The image file is the one ``images.txt`` names for the key (any
 extension), which lets ShapesWorld (``semani.data.shapes``, generated in this layout with lossless
-PNGs) reuse this reader: ``ShapesWorldDataset`` below adds its entity masks and names.
+PNGs) reuse this reader: ``semani.data.shapes.ShapesWorldDataset`` adds entity masks and names.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-import torch
-from PIL import Image
 
 from semani.data.base import (
     CaptionImageDataset,
@@ -44,9 +40,9 @@ from semani.data.base import (
     require_paths,
 )
 from semani.data.tokenizer import TextTokenizer
-from semani.data.transforms import Box, masks_to_tensor
+from semani.data.transforms import Box
 
-__all__ = ["CUBDataset", "CUB_LAYOUT", "ShapesWorldDataset", "read_cub_metadata"]
+__all__ = ["CUBDataset", "CUB_LAYOUT", "read_cub_metadata"]
 
 CUB_LAYOUT = """\
   <root>/CUB_200_2011/images.txt          "<id> <class>/<img>.jpg"
@@ -132,53 +128,3 @@ class CUBDataset(CaptionImageDataset):
 
     def crop_box(self, i: int, width: int, height: int) -> Box:
         return cub_crop_box(self._boxes[i], width, height)
-
-
-# -- ShapesWorld ----------------------------------------------------------------------------------
-SHAPES_HINT = (
-    "Generate ShapesWorld with: python scripts/make_shapes.py --out <root> --n-train 2000 "
-    "--n-test 200 --size 64 --seed 0"
-)
-
-
-class ShapesWorldDataset(CUBDataset):
-    """ShapesWorld through the CUB reader, plus ``entity_masks`` / ``entity_names``."""
-
-    layout = (
-        CUB_LAYOUT.rsplit("\n", 1)[0].replace(".jpg", ".png")
-        + "\n  <root>/masks/<class>/<img>_<k>.png      entity k's visible pixels, 0/255"
-        + "\n  <root>/entities/<class>/<img>.json      entity names and attributes"
-    )
-    layout_hint = SHAPES_HINT
-
-    def __init__(
-        self,
-        root: str | Path,
-        split: str = "train",
-        image_size: int = 64,
-        context_length: int = 128,
-        deterministic: bool | None = None,
-        on_corrupt: OnCorrupt = "skip",
-        tokenizer: TextTokenizer | None = None,
-    ) -> None:
-        require_paths(Path(root).expanduser(), ["entities", "masks"], self.layout, SHAPES_HINT)
-        super().__init__(
-            root, split, image_size, context_length, deterministic, on_corrupt, tokenizer
-        )
-        self._entities: list[tuple[list[str], list[Path]]] = []
-        for key in self.keys:
-            meta = json.loads((self.root / "entities" / f"{key}.json").read_text())
-            ents = meta["entities"]
-            self._entities.append(
-                ([e["name"] for e in ents], [self.root / e["mask"] for e in ents])
-            )
-
-    def load_entities(
-        self, i: int, box: Box | None, size: tuple[int, int]
-    ) -> tuple[torch.Tensor, list[str]]:
-        names, paths = self._entities[i]
-        masks = []
-        for p in paths:
-            with Image.open(p) as m:
-                masks.append(m.convert("L"))
-        return masks_to_tensor(masks, self.image_size, box), list(names)  # (K, H, W)

@@ -9,8 +9,8 @@ visible mask has exactly the entity's colour.
 
 Make it with ``python scripts/make_shapes.py --out data/shapes --n-train 2000 --n-test 200
 --size 64 --seed 0`` (about a second per thousand 64 px images). The same arguments give the same
-bytes. Layout (the CUB reader reads it; the "bird box" is the whole image, so the AttnGAN crop
-keeps the whole image)::
+bytes. Read it with ``ShapesWorldDataset`` (below): the CUB reader plus entity masks and names.
+Layout (CUB's; the "bird box" is the whole image, so the AttnGAN crop keeps the whole image)::
 
     shapes/
       CUB_200_2011/images.txt              "<id> <class>/<img>.png"
@@ -45,13 +45,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
-from semani.data.cub import ShapesWorldDataset
+from semani.data.base import OnCorrupt, require_paths
+from semani.data.cub import CUB_LAYOUT, CUBDataset
+from semani.data.tokenizer import TextTokenizer
+from semani.data.transforms import Box, masks_to_tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ShapesWorldDataset", "generate_shapes", "main", "SHAPES", "COLORS", "RELATIONS"]
+__all__ = [
+    "ShapesWorldDataset",
+    "generate_shapes",
+    "main",
+    "SHAPES",
+    "SHAPES_HINT",
+    "COLORS",
+    "RELATIONS",
+]
 
 VERSION = 1
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "diamond", "cross")
@@ -492,3 +504,53 @@ def main(argv: Sequence[str] | None = None) -> Path:
     return generate_shapes(
         args.out, args.n_train, args.n_test, args.size, args.seed, args.overwrite
     )
+
+
+# -- reading --------------------------------------------------------------------------------------
+SHAPES_HINT = (
+    "Generate ShapesWorld with: python scripts/make_shapes.py --out <root> --n-train 2000 "
+    "--n-test 200 --size 64 --seed 0"
+)
+
+
+class ShapesWorldDataset(CUBDataset):
+    """ShapesWorld through the CUB reader, plus ``entity_masks`` / ``entity_names``."""
+
+    layout = (
+        CUB_LAYOUT.rsplit("\n", 1)[0].replace(".jpg", ".png")
+        + "\n  <root>/masks/<class>/<img>_<k>.png      entity k's visible pixels, 0/255"
+        + "\n  <root>/entities/<class>/<img>.json      entity names and attributes"
+    )
+    layout_hint = SHAPES_HINT
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        image_size: int = 64,
+        context_length: int = 128,
+        deterministic: bool | None = None,
+        on_corrupt: OnCorrupt = "skip",
+        tokenizer: TextTokenizer | None = None,
+    ) -> None:
+        require_paths(Path(root).expanduser(), ["entities", "masks"], self.layout, SHAPES_HINT)
+        super().__init__(
+            root, split, image_size, context_length, deterministic, on_corrupt, tokenizer
+        )
+        self._entities: list[tuple[list[str], list[Path]]] = []
+        for key in self.keys:
+            meta = json.loads((self.root / "entities" / f"{key}.json").read_text())
+            ents = meta["entities"]
+            self._entities.append(
+                ([e["name"] for e in ents], [self.root / e["mask"] for e in ents])
+            )
+
+    def load_entities(
+        self, i: int, box: Box | None, size: tuple[int, int]
+    ) -> tuple[torch.Tensor, list[str]]:
+        names, paths = self._entities[i]
+        masks = []
+        for p in paths:
+            with Image.open(p) as m:
+                masks.append(m.convert("L"))
+        return masks_to_tensor(masks, self.image_size, box), list(names)  # (K, H, W)

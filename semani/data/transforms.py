@@ -3,6 +3,8 @@
 All data sets produce square ``image_size`` images: an optional crop box (CUB's bird box),
 then the shorter side is resized to ``image_size`` and the centre square is kept (a square crop
 is simply resized). Masks follow the same geometry with nearest-neighbour resampling.
+`to_grayscale` is the tensor conversion behind grayscale vision guidance, shared by training
+(`SemaniTransModule`) and editing (`TransEditor`) so that both see exactly the same pixels.
 """
 
 from __future__ import annotations
@@ -10,8 +12,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
+from torchvision.transforms.functional import rgb_to_grayscale
 
-__all__ = ["crop_resize", "image_to_tensor", "mask_to_tensor", "masks_to_tensor"]
+__all__ = [
+    "crop_resize",
+    "image_to_tensor",
+    "mask_to_tensor",
+    "masks_to_tensor",
+    "to_grayscale",
+]
 
 Box = tuple[int, int, int, int]  # (x1, y1, x2, y2), x2/y2 exclusive (PIL crop convention)
 
@@ -59,3 +69,12 @@ def masks_to_tensor(
     if not masks:
         return torch.zeros(0, size, size)
     return torch.stack([mask_to_tensor(m, size, box) for m in masks])
+
+
+def to_grayscale(images: Tensor) -> Tensor:
+    """(B, 3, H, W) in [-1, 1] -> luma (ITU-R 601) replicated to 3 channels, same range.
+
+    The vision-guidance input: `SemaniTransModule` encodes it to the gray tokens in training and
+    `TransEditor` at edit time, so both must call this one function.
+    """
+    return rgb_to_grayscale(images, num_output_channels=3)  # (B, 3, H, W)

@@ -16,8 +16,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.transforms.functional import rgb_to_grayscale
 
+from semani.data.transforms import to_grayscale
 from semani.manipulation.sampling import sample_image_tokens
 from semani.modules.gpt import SemaniGPT
 
@@ -66,14 +66,6 @@ def mask_to_token_mask(
             "min_tokens=0 to edit it anyway"
         )
     return token_mask if mask.dim() == 3 else token_mask[0]
-
-
-def to_grayscale(images: Tensor) -> Tensor:
-    """(B, 3, H, W) in [-1, 1] -> luma replicated to 3 channels, exactly as in training.
-
-    The same torchvision conversion `SemaniTransModule` uses for the vision-guidance tokens.
-    """
-    return rgb_to_grayscale(images, num_output_channels=3)  # (B, 3, H, W)
 
 
 class TransEditor:

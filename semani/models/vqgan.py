@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,14 @@ from semani.modules.vqgan_loss import VQGANLoss
 from semani.utils.checkpoint import get_state_dict, load_checkpoint, load_state_dict_strict
 
 log = logging.getLogger(__name__)
+
+# Lightning (2.5+) warns at every step-based checkpoint of a manual-optimisation module that it
+# holds the weights AFTER the optimiser steps, with a page of example code for stashing the
+# pre-step weights (which it restores only for a module with a `.layer`). After the steps is what
+# this module wants: weights, optimiser states and global_step agree, so a resume is exact.
+warnings.filterwarnings(
+    "ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning
+)
 
 TAMING_VQMODEL = "taming.models.vqgan.VQModel"
 TAMING_LOSS = "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator"
