@@ -94,3 +94,27 @@ def test_bad_options() -> None:
         SemaniDataModule("cub", "/x", instances_json="/x.json")
     with pytest.raises(ValueError, match="data.shards"):
         SemaniDataModule("webdataset", "/x")
+
+
+class _FakeTrainer:
+    """What the datamodule reads from a Lightning trainer: the number of processes."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_batch_size_is_global(shapes_root: Path, world_size: int) -> None:
+    dm = SemaniDataModule("shapes", str(shapes_root), image_size=32, batch_size=8,
+                          eval_batch_size=4, num_workers=0)  # fmt: skip
+    dm.trainer = _FakeTrainer(world_size)
+    dm.setup("fit")
+    assert next(iter(dm.train_dataloader()))["image"].shape[0] == 8 // world_size
+    assert next(iter(dm.val_dataloader()))["image"].shape[0] == 4 // world_size
+
+
+def test_batch_size_not_divisible_by_world_size_is_an_error(shapes_root: Path) -> None:
+    dm = SemaniDataModule("shapes", str(shapes_root), image_size=32, batch_size=6, num_workers=0)
+    dm.trainer = _FakeTrainer(4)
+    with pytest.raises(ValueError, match="batch_size=6 is the global batch.*multiple of 4"):
+        dm.setup("fit")

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from semani.modules.gpt import GPTConfig, KVCache, SemaniGPT
+from semani.modules.gpt import GPTConfig, KVCache, SemaniGPT, text_padding_mask
 
 EOT = 49407
 
@@ -81,9 +81,37 @@ def test_text_padding_uses_learned_pad_embedding():
     out = model(text, image).image_logits
     assert not torch.allclose(out[0], base[0], atol=1e-3)
     torch.testing.assert_close(out[1:], base[1:], atol=1e-6, rtol=0)
-    assert SemaniGPT.text_padding_mask(text, EOT)[0].nonzero().flatten().tolist() == list(
+    assert text_padding_mask(text, EOT)[0].nonzero().flatten().tolist() == list(
         range(7, model.config.text_len)
     )
+    assert not text_padding_mask(text, EOT)[1:].any()  # EOT last: no padding
+
+
+def test_text_pad_targets_adds_one_text_class_per_position():
+    """The authors' text loss needs pad classes: text head text_vocab_size + text_len outputs."""
+    plain, padded = _model(), _model(text_pad_targets=True)
+    cfg = padded.config
+    assert plain.text_head.out_features == plain.text_classes == cfg.text_vocab_size
+    assert (
+        padded.text_head.out_features == padded.text_classes == cfg.text_vocab_size + cfg.text_len
+    )
+    text, image, gray = _batch(cfg)
+    out = padded(text, image, gray)
+    assert out.text_logits.shape == (3, cfg.text_len, cfg.text_vocab_size + cfg.text_len)
+    assert out.image_logits.shape == (3, cfg.image_len, cfg.image_vocab_size)
+    # the image path (and so the KV-cache sampler) does not depend on the text head
+    cache = padded.new_kv_cache(3, with_gray=False)
+    torch.testing.assert_close(
+        padded.prefill(text, cache), padded(text, image).image_logits[:, 0], atol=1e-5, rtol=0
+    )
+    from semani.manipulation.sampling import sample_image_tokens
+
+    cached = sample_image_tokens(padded, text, greedy=True)
+    assert torch.equal(cached, sample_image_tokens(padded, text, greedy=True, use_cache=False))
+    # at the paper size: 128 * (512 + 1) more parameters, as documented in GPTConfig
+    with torch.device("meta"):
+        big = SemaniGPT(GPTConfig(text_pad_targets=True))
+    assert big.get_num_params() == 152_866_048 + 128 * 513 == 152_931_712
 
 
 def test_vision_guidance_attention_mask():

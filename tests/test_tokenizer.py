@@ -64,6 +64,16 @@ def test_padding_and_truncation_scheme(tok: TextTokenizer) -> None:
 def test_padding_mask_without_eot() -> None:
     tokens = torch.tensor([[49406, 5, 6, 0], [49406, 49407, 0, 0]])
     assert text_padding_mask(tokens).tolist() == [[False] * 4, [False, False, True, True]]
+    # only what follows the FIRST EOT is padding; a 0 ("!") before it is a real token
+    tokens = torch.tensor([[49406, 0, 49407, 49407, 0]])
+    assert text_padding_mask(tokens, 49407).tolist() == [[False, False, False, True, True]]
+
+
+def test_padding_mask_has_one_implementation() -> None:
+    """The data side re-exports the transformer's function (modules/ never imports data/)."""
+    from semani.modules import gpt
+
+    assert text_padding_mask is gpt.text_padding_mask
 
 
 def test_decode_roundtrip(tok: TextTokenizer) -> None:

@@ -131,3 +131,43 @@ def test_semani_trans_shapes_fast_dev_run(shapes_root: Path, tmp_path: Path) -> 
     assert objects["model"].gpt.config.n_layer == 4
     for key in ("train/loss", "train/loss_img", "train/loss_txt"):
         assert torch.isfinite(torch.tensor(metrics[key])), key
+
+
+def test_semani_trans_shapes_ddp_cpu_with_guidance_and_semantic_loss(
+    shapes_root: Path, tmp_path: Path
+) -> None:
+    """SeMani-Trans on 2 CPU ranks (gloo): vision guidance on half of each rank's samples and
+    the CLIP semantic loss on, through the real entry point; data.batch_size is global."""
+    cmd = [
+        sys.executable,
+        str(REPO_ROOT / "train.py"),
+        "experiment=semani_trans_shapes",
+        f"data.root={shapes_root}",
+        "data.num_workers=0",
+        "data.batch_size=4",  # global: 2 per rank, one of them guided
+        "model.vqgan.ckpt_path=null",  # random conv VQGAN from the config
+        "model.lambda_sem=5.0",
+        "model.clip={model_name: semani-tiny-ViT, pretrained: null}",
+        "model.sem_max_samples=1",
+        "model.vg_prob=0.5",
+        "trainer=ddp_cpu",
+        "trainer.devices=2",
+        "trainer.max_steps=3",
+        "trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=1",
+        "callbacks.image_logger.every_n_steps=1000",
+        "extras.print_config=false",
+        f"hydra.run.dir={tmp_path}/run",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 3
+    metrics = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = metrics[0].split(",")
+    rows = [dict(zip(header, line.split(","))) for line in metrics[1:]]
+    steps = [r for r in rows if r.get("train/loss_sem_step")]
+    assert len(steps) == 3
+    assert all(float(r["train/loss_vg_step"]) > 0 for r in steps)  # guided samples each step
+    assert all(0 < float(r["train/loss_sem_step"]) <= 2 for r in steps)  # 1 - cos

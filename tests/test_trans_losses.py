@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from semani.modules.clip import TINY_CLIP_NAME, ClipModel
 from semani.modules.trans_losses import (
+    TEXT_LOSSES,
     SemaniTransLoss,
     autoregressive_loss,
     clip_semantic_loss,
@@ -18,6 +19,8 @@ from semani.modules.trans_losses import (
     image_loss,
     straight_through_onehot,
     text_loss,
+    text_loss_all_positions,
+    text_pad_targets,
 )
 
 
@@ -40,6 +43,67 @@ def test_text_loss_ignores_padding() -> None:
     assert text_loss(logits2, text, pad).item() == pytest.approx(
         text_loss(logits, text, pad).item()
     )
+
+
+def test_authors_text_loss_predicts_a_pad_class_per_position() -> None:
+    """The authors' (DALL-E) text loss: CE at every position, pad position i targets V + i."""
+    torch.manual_seed(8)
+    B, L, V = 3, 6, 11
+    logits = torch.randn(B, L, V + L)  # a text head with L pad classes
+    text = torch.randint(0, V, (B, L))
+    pad = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1]]).bool()
+    targets = text_pad_targets(text, pad, V)
+    assert targets[0].tolist() == text[0, :3].tolist() + [V + 3, V + 4, V + 5]
+    assert torch.equal(targets[1], text[1])
+    terms = [
+        _nll(logits[b, i], V + i if pad[b, i] else int(text[b, i]))
+        for b in range(B)
+        for i in range(L)
+    ]
+    want = sum(terms) / (B * L)  # every position counts, pads included
+    assert text_loss_all_positions(logits, text, pad).item() == pytest.approx(want, rel=1e-5)
+    assert text_loss_all_positions(logits, text, pad, V).item() == pytest.approx(want, rel=1e-5)
+    crit = SemaniTransLoss(text_loss="all_positions")
+    image_logits, image = torch.randn(B, 4, 5), torch.randint(0, 5, (B, 4))
+    out = crit(logits, image_logits, None, text, image, pad)
+    assert out["loss_txt"].item() == pytest.approx(want, rel=1e-5)
+
+    # with padding it differs from ours (which skips the pads and only sees the V real classes
+    # of the same logits' softmax over V + L)
+    ours = text_loss(logits, text, pad).item()
+    assert abs(ours - want) > 1e-3
+    # without padding both are the mean CE over every position: equal
+    no_pad = torch.zeros(B, L, dtype=torch.bool)
+    assert text_loss_all_positions(logits, text, no_pad).item() == pytest.approx(
+        text_loss(logits, text, no_pad).item(), rel=1e-6
+    )
+
+
+def test_text_loss_modes_and_errors() -> None:
+    assert TEXT_LOSSES == ("non_padding", "all_positions")
+    with pytest.raises(ValueError, match="non_padding.*all_positions"):
+        SemaniTransLoss(text_loss="padding")
+    torch.manual_seed(9)
+    B, L, V, EOT = 2, 6, 11, 10  # EOT is the last vocabulary id, as CLIP's 49407
+    text = torch.tensor([[9, 3, EOT, 0, 0, 0], [9, 4, 5, 6, 7, EOT]])
+    pad = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0]]).bool()
+    image_logits, image = torch.randn(B, 4, 5), torch.randint(0, 5, (B, 4))
+    authors = SemaniTransLoss(text_loss="all_positions")
+    # a GPT without the pad classes (text head of V outputs) is a clear error ...
+    with pytest.raises(ValueError, match="text_pad_targets"):
+        authors(torch.randn(B, L, V), image_logits, None, text, image, pad)
+    # ... also when the vocabulary size is given (checked from the shape alone)
+    sized = SemaniTransLoss(text_loss="all_positions", text_vocab_size=V)
+    with pytest.raises(ValueError, match="text_pad_targets"):
+        sized(torch.randn(B, L, V), image_logits, None, text, image, pad)
+    logits = torch.randn(B, L, V + L)
+    got = sized(logits, image_logits, None, text, image, pad)["loss_txt"]
+    assert got.item() == pytest.approx(text_loss_all_positions(logits, text, pad).item())
+    # ours works with either head (pad classes are never targets)
+    ours = SemaniTransLoss(text_loss="non_padding")
+    for lg in (torch.randn(B, L, V), logits):
+        got = ours(lg, image_logits, None, text, image, pad)["loss_txt"]
+        assert got.item() == pytest.approx(text_loss(lg, text, pad).item())
 
 
 def test_image_loss_is_the_mean_token_nll() -> None:

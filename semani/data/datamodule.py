@@ -8,6 +8,11 @@ shards, CC12M). ``data.root=<dir>`` on the command line points it at the data. S
 their captions deterministically. Batches are dicts from ``collate_samples``: ``image``
 (B, 3, H, W) in [-1, 1], ``tokens`` (B, L), ``index`` (B,), and python lists ``caption`` and,
 where the data set has them, ``entity_masks`` (K_b, H, W) and ``entity_names``.
+
+``batch_size`` (and ``eval_batch_size``) are GLOBAL: each of the trainer's ``world_size``
+processes loads ``batch_size / world_size`` samples per step, so one experiment file gives the
+same optimisation on 1 GPU or 8 (the paper's 112 and 96 are global batches). A batch size that
+the world size does not divide is an error.
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ class SemaniDataModule(pl.LightningDataModule):
         self.data_train: Dataset | None = None
         self.data_val: Dataset | None = None
         self.data_test: Dataset | None = None
+        self.world_size = 1  # set from the trainer in setup()
 
     # -- datasets ---------------------------------------------------------------------------------
     def _map_dataset(self, split: str, deterministic: bool) -> CaptionImageDataset:
@@ -136,6 +142,8 @@ class SemaniDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets a stage needs (bad layouts fail here with the expected layout)."""
         hp = self.hparams
+        self.world_size = self.trainer.world_size if self.trainer is not None else 1
+        self.per_device_batch_size(hp.batch_size)  # fail early when it does not divide
         if stage in (None, "fit") and self.data_train is None:
             if hp.dataset == "webdataset":
                 self.data_train = self._stream(hp.shards, train=True, max_samples=None)
@@ -151,11 +159,23 @@ class SemaniDataModule(pl.LightningDataModule):
                 log.info("%s %s: %d samples from %s", hp.dataset, name, len(ds), hp.root)
 
     # -- loaders ----------------------------------------------------------------------------------
+    def per_device_batch_size(self, global_batch_size: int) -> int:
+        """The global batch divided over the processes (an error when it does not divide)."""
+        if global_batch_size % self.world_size:
+            raise ValueError(
+                f"data.batch_size={global_batch_size} is the global batch and must be divisible "
+                f"by the world size {self.world_size} (devices x nodes): set data.batch_size to "
+                f"a multiple of {self.world_size}"
+            )
+        return global_batch_size // self.world_size
+
     def _loader(self, ds: Dataset | None, train: bool) -> DataLoader:
         if ds is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         hp = self.hparams
-        batch_size = hp.batch_size if train else (hp.eval_batch_size or hp.batch_size)
+        batch_size = self.per_device_batch_size(
+            hp.batch_size if train else (hp.eval_batch_size or hp.batch_size)
+        )
         iterable = isinstance(ds, IterableDataset)
         drop_last = train and hp.drop_last and (iterable or len(ds) >= batch_size)
         return DataLoader(

@@ -9,8 +9,10 @@ Every caption becomes a fixed-length row of ``context_length`` token ids (128 in
   ``context_length`` tokens and the LAST position is overwritten with EOT, so every row holds
   exactly one EOT (truncation keeps EOT).
 - Padding uses id 0, which is also the BPE id of "!"; padding is therefore located by the EOT
-  position (``text_padding_mask``), never by comparing with 0. The transformer replaces the
-  padding positions with learned per-position padding embeddings and the text loss ignores them.
+  position (``text_padding_mask``, defined in ``semani.modules.gpt`` and re-exported here), never
+  by comparing with 0. The transformer replaces the padding positions with learned per-position
+  padding embeddings; the text loss either ignores them or, as the authors' code, predicts a
+  per-position pad class (``semani.modules.trans_losses``).
 
 The result is token for token ``open_clip.tokenize(texts, context_length=L)``.
 """
@@ -21,6 +23,10 @@ from collections.abc import Sequence
 
 import torch
 from open_clip.tokenizer import SimpleTokenizer
+
+# one implementation, kept with the transformer that embeds the padding (`modules/` must not
+# import `data/`); re-exported here for the data side
+from semani.modules.gpt import text_padding_mask
 
 __all__ = ["TextTokenizer", "text_padding_mask"]
 
@@ -68,12 +74,3 @@ class TextTokenizer:
                 row = row[: row.index(self.eot_token_id)]
             texts.append(self._bpe.decode(row).strip())
         return texts[0] if t.ndim == 1 else texts
-
-
-def text_padding_mask(tokens: torch.Tensor, eot_token_id: int = 49407) -> torch.Tensor:
-    """(B, L) token ids -> (B, L) bool, True at the padding positions strictly after the EOT.
-
-    Rows without an EOT have no padding (all False).
-    """
-    is_eot = (tokens == eot_token_id).long()  # (B, L)
-    return (torch.cumsum(is_eot, dim=-1) - is_eot) > 0

@@ -11,7 +11,17 @@ are frozen (`eval()`, `requires_grad_(False)`), stay in eval mode when Lightning
 files (a taming checkpoint, our VQGAN checkpoint, a CLIP checkpoint or cached tag) are left out
 of the Lightning checkpoint (`on_save_checkpoint`) and put back from the freshly loaded modules
 when a checkpoint is read (`on_load_checkpoint`), so resume and `load_from_checkpoint` load
-strictly. Frozen parts built at random from a config (tests) are kept in the checkpoint.
+strictly. Frozen parts built at random from a config (tests) are kept in the checkpoint. A
+checkpoint stores a fingerprint (`semani.utils.checkpoint.state_fingerprint`) and the source of
+each frozen part it leaves out; reading it with a frozen part whose weights differ (a re-trained
+VQGAN at the same path, another CLIP) is refused with `FrozenWeightsMismatchError`, naming both
+sources, unless `accept_frozen_mismatch=True` is passed to `load_from_checkpoint`.
+
+`init_ckpt` (the transformer of an earlier stage: pre-training, fine-tuning step 1) is how a run
+*starts*: it is read when fitting starts, never when a checkpoint is loaded or a run resumed, so a
+step-2 checkpoint opens after the step-1 file is gone. `load_from_checkpoint(path, **overrides)`
+reads our checkpoints weights-only and merges `vqgan=` / `clip=` overrides into the saved specs
+(`vqgan={"ckpt_path": moved_file}`), for frozen files that moved.
 
 The VQGAN is chosen by `vqgan` (a mapping; set one of the first two, or leave both null to use
 `config`):
@@ -24,7 +34,9 @@ The VQGAN is chosen by `vqgan` (a mapping; set one of the first two, or leave bo
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from typing import Any
@@ -34,30 +46,39 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
-from semani.data.tokenizer import text_padding_mask
+from semani.data.transforms import to_grayscale
+from semani.loading import MODEL_KEY
 from semani.manipulation.sampling import sample_image_tokens
-from semani.manipulation.trans import to_grayscale
 from semani.models.vqgan import VQGANModule
 from semani.modules.clip import ClipModel
-from semani.modules.gpt import GPTConfig, SemaniGPT
+from semani.modules.gpt import GPTConfig, SemaniGPT, text_padding_mask
 from semani.modules.trans_losses import SemaniTransLoss
 from semani.utils.checkpoint import (
     CheckpointMismatchError,
     get_state_dict,
     load_checkpoint,
     load_state_dict_strict,
+    state_fingerprint,
 )
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SemaniTransModule", "build_frozen_vqgan"]
+__all__ = ["FrozenWeightsMismatchError", "SemaniTransModule", "build_frozen_vqgan"]
 
-# AdamW when no optimiser partial is given: lr and betas are SPEC's assumed values
+# AdamW when no optimiser partial is given: the authors' run commands and script defaults
+# (lr 5e-4, betas (0.9, 0.96), weight decay 1e-3; see configs/model/semani_trans.yaml)
 DEFAULT_OPTIMIZER = functools.partial(
-    torch.optim.AdamW, lr=4.5e-4, betas=(0.9, 0.95), weight_decay=0.01
+    torch.optim.AdamW, lr=5e-4, betas=(0.9, 0.96), weight_decay=1e-3
 )
 _VQGAN_KEYS = {"taming_ckpt", "taming_config", "ckpt_path", "config"}
 _FROZEN_KEY = "semani_frozen_reloaded"  # checkpoint entry: prefixes whose weights were dropped
+_FINGERPRINT_KEY = "semani_frozen_fingerprints"  # prefix -> {"fingerprint", "source"}
+# hparams that are specs of frozen parts: overrides at load time are merged into them
+_MERGED_HPARAMS = ("vqgan", "clip", "sampling")
+
+
+class FrozenWeightsMismatchError(CheckpointMismatchError):
+    """A frozen part re-read from its file differs from the one the checkpoint was trained with."""
 
 
 def _plain(obj: Any) -> Any:
@@ -107,6 +128,45 @@ def build_frozen_vqgan(spec: Mapping[str, Any] | nn.Module | None) -> tuple[VQGA
     return vq.eval().requires_grad_(False), reloadable
 
 
+def _vqgan_source(spec: Mapping[str, Any] | nn.Module | None) -> str:
+    """Where the frozen VQGAN's weights come from, for messages."""
+    if isinstance(spec, nn.Module):
+        return "a module passed in"
+    spec = spec or {}
+    if spec.get("ckpt_path"):
+        return str(spec["ckpt_path"])
+    if spec.get("taming_ckpt"):
+        return f"{spec['taming_ckpt']} (config {spec.get('taming_config')})"
+    return "a random config"
+
+
+def _clip_source(spec: Mapping[str, Any] | None) -> str:
+    """Where the frozen CLIP's weights come from, for messages."""
+    if not spec:
+        return "no CLIP"
+    return f"{spec.get('model_name')} from {spec.get('pretrained') or 'random init'}"
+
+
+def _merge_hparams(saved: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Saved hparams updated by load-time overrides (frozen-part specs merged, see
+    `SemaniTransModule.load_from_checkpoint`)."""
+    known = set(inspect.signature(SemaniTransModule.__init__).parameters) - {"self"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown SemaniTransModule overrides {unknown}; known: {sorted(known)}")
+    out = dict(saved)
+    for key, value in overrides.items():
+        old = out.get(key)
+        if key in _MERGED_HPARAMS and isinstance(value, Mapping) and isinstance(old, Mapping):
+            value = {**old, **_plain(value)}
+            if key == "vqgan" and "ckpt_path" in overrides[key] and value["ckpt_path"]:
+                value["taming_ckpt"] = value["taming_config"] = None
+            elif key == "vqgan" and ({"taming_ckpt", "taming_config"} & set(overrides[key])):
+                value["ckpt_path"] = None
+        out[key] = value
+    return out
+
+
 class SemaniTransModule(pl.LightningModule):
     """SeMani-Trans transformer training (Eq. 4-10).
 
@@ -117,12 +177,13 @@ class SemaniTransModule(pl.LightningModule):
             `lambda_sem` must be 0.
         lambda_txt, lambda_img, lambda_vg, lambda_sem: Eq. 9-10 weights (authors: 1, 7, 1, 5).
         gumbel_tau: Gumbel-softmax temperature of the straight-through estimator.
+        text_loss: Eq. 5 variant, see `semani.modules.trans_losses.SemaniTransLoss`.
         vg_prob: fraction of each training batch that carries grayscale tokens (fine-tune
-            step 1: 0.0, step 2 and pre-training: 0.5); exactly round(vg_prob * B) samples.
+            step 1 and pre-training: 0.0, step 2: 0.5); exactly round(vg_prob * B) samples.
             With 0.0 the gray segment is skipped and the unused [BOV] embedding is frozen.
         sem_max_samples: compute Eq. 7 on at most this many samples per batch (memory); None=all.
         optimizer: partial optimiser (Hydra `_partial_`); its `weight_decay` goes to the >=2-D
-            weights only. None: AdamW(lr 4.5e-4, betas (0.9, 0.95), weight_decay 0.01).
+            weights only. None: AdamW(lr 5e-4, betas (0.9, 0.96), weight_decay 1e-3).
         scheduler: partial `semani.utils.lr_schedule.warmup_plateau_schedulers` (or any callable
             optimizer -> Lightning scheduler config(s)); None: constant LR.
         sampling: `sample_image_tokens` kwargs for `log_images` (filter_thres, temperature).
@@ -138,6 +199,7 @@ class SemaniTransModule(pl.LightningModule):
         lambda_vg: float = 1.0,
         lambda_sem: float = 5.0,
         gumbel_tau: float = 1.0,
+        text_loss: str = "non_padding",
         vg_prob: float = 0.0,
         sem_max_samples: int | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
@@ -171,6 +233,11 @@ class SemaniTransModule(pl.LightningModule):
                 f"gpt.image_vocab_size={cfg.image_vocab_size} but the VQGAN has "
                 f"{self.vqgan.n_embed} codes: set model.gpt.image_vocab_size={self.vqgan.n_embed}"
             )
+        if text_loss == "all_positions" and not cfg.text_pad_targets:
+            raise ValueError(
+                "text_loss='all_positions' (the authors' loss) predicts a pad class per text "
+                "position: set model.gpt.text_pad_targets=true, or model.text_loss=non_padding"
+            )
         self.clip: ClipModel | None = None
         clip_reloadable = False
         if clip is not None and lambda_sem > 0:
@@ -179,11 +246,16 @@ class SemaniTransModule(pl.LightningModule):
         self._reloadable = [
             p for p, ok in (("vqgan.", vq_reloadable), ("clip.", clip_reloadable)) if ok
         ]
-        if init_ckpt:
-            self.init_transformer_from(init_ckpt)
+        self.init_ckpt = init_ckpt  # read in `on_fit_start`, never at load time
+        self.accept_frozen_mismatch = False  # set by load_from_checkpoint(accept_...=True)
+        self._frozen_sources = {"vqgan.": _vqgan_source(vqgan), "clip.": _clip_source(clip)}
+        self._fingerprints: dict[str, str] = {}  # frozen parts never change: hash them once
         if vg_prob == 0:  # no gray segment, so [BOV] gets no gradient: freeze it (DDP-safe)
             self.gpt.bov.requires_grad_(False)
-        self.criterion = SemaniTransLoss(lambda_txt, lambda_img, lambda_vg, lambda_sem, gumbel_tau)
+        self.criterion = SemaniTransLoss(
+            lambda_txt, lambda_img, lambda_vg, lambda_sem, gumbel_tau, text_loss=text_loss,
+            text_vocab_size=self.gpt.config.text_vocab_size,
+        )  # fmt: skip
         self.vg_prob = vg_prob
         self.sem_max_samples = sem_max_samples
         log.info(
@@ -191,6 +263,13 @@ class SemaniTransModule(pl.LightningModule):
             self.gpt.get_num_params() / 1e6, self.vqgan.n_embed,
             f", frozen CLIP {self.clip.model_name}" if self.clip is not None else "",
         )  # fmt: skip
+
+    def on_fit_start(self) -> None:
+        """Start from `init_ckpt`, unless this fit resumes a checkpoint (it has newer weights)."""
+        if self.init_ckpt and not self.trainer.ckpt_path:
+            self.init_transformer_from(self.init_ckpt)
+        elif self.init_ckpt:
+            log.info("resuming %s: init_ckpt is not read", self.trainer.ckpt_path)
 
     def init_transformer_from(self, path: str) -> None:
         """Start from the transformer weights of an earlier stage (pre-training, fine-tune step 1).
@@ -219,23 +298,121 @@ class SemaniTransModule(pl.LightningModule):
             self.clip.eval()
         return self
 
+    def frozen_fingerprint(self, prefix: str) -> str:
+        """`state_fingerprint` of the frozen part under `prefix` ("vqgan." or "clip.")."""
+        if prefix not in self._fingerprints:
+            self._fingerprints[prefix] = state_fingerprint(getattr(self, prefix.rstrip(".")))
+        return self._fingerprints[prefix]
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave out frozen weights that can be re-read from their own files."""
+        """Leave out frozen weights that can be re-read from their own files; store their
+        fingerprints and sources, and the class that wrote the checkpoint."""
         sd = checkpoint["state_dict"]
         for key in [k for k in sd if k.startswith(tuple(self._reloadable))]:
             del sd[key]
         checkpoint[_FROZEN_KEY] = list(self._reloadable)
+        checkpoint[_FINGERPRINT_KEY] = {
+            p: {"fingerprint": self.frozen_fingerprint(p), "source": self._frozen_sources[p]}
+            for p in self._reloadable
+        }
+        checkpoint[MODEL_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Put the frozen weights (already loaded from their files) back for a strict load."""
+        """Check the frozen parts against the checkpoint's fingerprints, then put their weights
+        (already loaded from their files) back for a strict load."""
         sd, prefixes = checkpoint["state_dict"], tuple(checkpoint.get(_FROZEN_KEY, []))
         if not prefixes:
             return
+        self._check_fingerprints(checkpoint.get(_FINGERPRINT_KEY), prefixes)
         own = {k: v for k, v in self.state_dict().items() if k.startswith(prefixes)}
         missing = {k: v for k, v in own.items() if k not in sd}
         sd.update(missing)
         log.info("checkpoint: %d frozen tensors (%s) taken from their own files",
                  len(missing), ", ".join(p.rstrip(".") for p in prefixes))  # fmt: skip
+
+    def _check_fingerprints(
+        self, saved: Mapping[str, Any] | None, prefixes: Sequence[str]
+    ) -> None:
+        if saved is None:  # written before fingerprints existed
+            log.warning(
+                "checkpoint has no fingerprints of its frozen %s: cannot check that they are the "
+                "weights it was trained with",
+                ", ".join(p.rstrip(".") for p in prefixes),
+            )
+            return
+        for prefix in prefixes:
+            if prefix not in saved:
+                continue
+            want, now = saved[prefix]["fingerprint"], self.frozen_fingerprint(prefix)
+            if want == now:
+                continue
+            part = prefix.rstrip(".")
+            message = (
+                f"the frozen {part} differs from the one this checkpoint was trained with: "
+                f"trained with {saved[prefix]['source']} (fingerprint {want}), now loaded from "
+                f"{self._frozen_sources[prefix]} (fingerprint {now}). Point {part}= at the "
+                "original file (load_from_checkpoint(path, "
+                f"{part}={{...}}) / semani.load_model(path, {part}={{...}})), or pass "
+                "accept_frozen_mismatch=True to use these weights anyway"
+            )
+            if not self.accept_frozen_mismatch:
+                raise FrozenWeightsMismatchError(message)
+            log.warning("accept_frozen_mismatch=True: %s", message)
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | os.PathLike,
+        map_location: Any = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        accept_frozen_mismatch: bool = False,
+        **overrides: Any,
+    ) -> SemaniTransModule:
+        """Read one of our checkpoints (weights-only) into a new module, strictly.
+
+        `overrides` replace saved hyper-parameters; for `vqgan`, `clip` and `sampling` they are
+        merged into the saved mapping (`vqgan={"ckpt_path": new}` points at a moved frozen
+        VQGAN and drops the saved taming paths, and the other way round). `init_ckpt` is never
+        read. `map_location` moves the module after loading; `hparams_file` is not supported;
+        `strict=False` is refused (our checkpoints load strictly); `weights_only` is accepted
+        for Lightning compatibility (reading is always weights-only).
+        """
+        if hparams_file is not None:
+            raise ValueError("hparams_file is not supported: our checkpoints carry their hparams")
+        if strict is False:
+            raise ValueError("strict=False is not supported: our checkpoints load strictly")
+        return cls.from_checkpoint_dict(
+            load_checkpoint(checkpoint_path), str(checkpoint_path), map_location,
+            accept_frozen_mismatch, **overrides,
+        )  # fmt: skip
+
+    @classmethod
+    def from_checkpoint_dict(
+        cls,
+        checkpoint: dict[str, Any],
+        source: str,
+        map_location: Any = None,
+        accept_frozen_mismatch: bool = False,
+        **overrides: Any,
+    ) -> SemaniTransModule:
+        """`load_from_checkpoint` for a checkpoint already read (see there)."""
+        saved = checkpoint.get("hyper_parameters")
+        if not isinstance(saved, Mapping) or "gpt" not in saved:
+            raise CheckpointMismatchError(
+                f"checkpoint '{source}' is not a SemaniTransModule checkpoint (its "
+                f"hyper_parameters have no 'gpt'); use semani.load_model for any of our models"
+            )
+        hparams = _merge_hparams(dict(saved), overrides)
+        model = cls(**hparams)
+        model.accept_frozen_mismatch = accept_frozen_mismatch
+        model.on_load_checkpoint(checkpoint)
+        load_state_dict_strict(
+            model, get_state_dict(checkpoint, source), source, expected="a SemaniTransModule"
+        )
+        log.info("loaded SemaniTransModule from %s", source)
+        return model.to(map_location) if map_location is not None else model
 
     # ---------------------------------------------------------------- tokens
 
@@ -315,17 +492,25 @@ class SemaniTransModule(pl.LightningModule):
         return losses["loss"]
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        """Losses without guidance (`val/*`) and, when training uses vision guidance, the image
-        and gray losses with every sample guided (`val/loss_img_guided`, `val/loss_vg_guided`).
-        The semantic loss uses the argmax one-hot (no Gumbel noise)."""
+        """Held-out losses without guidance (`val/*`) and, when training uses vision guidance,
+        the image and gray losses with every sample guided (`val/loss_img_guided`,
+        `val/loss_vg_guided`). The semantic loss uses the argmax one-hot (no Gumbel noise)."""
+        self._eval_step("val", batch, guided=self.vg_prob > 0)
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """As `validation_step` on the test split (`test/*`), always with the guided losses
+        (`test/loss_img_guided`, `test/loss_vg_guided`) too."""
+        self._eval_step("test", batch, guided=True)
+
+    def _eval_step(self, stage: str, batch: Mapping[str, Any], guided: bool) -> None:
         B = batch["image"].shape[0]
         losses = self._losses(batch, None, noise=False)
         losses.pop("loss_vg")
-        self._log("val", losses, B)
-        if self.vg_prob > 0:
+        self._log(stage, losses, B)
+        if guided:
             use = torch.ones(B, dtype=torch.bool, device=batch["image"].device)
-            guided = self._losses(batch, use, noise=False, sem=False)
-            self._log("val", {k: guided[k] for k in ("loss_img", "loss_vg")}, B, suffix="_guided")
+            out = self._losses(batch, use, noise=False, sem=False)
+            self._log(stage, {k: out[k] for k in ("loss_img", "loss_vg")}, B, suffix="_guided")
 
     # ---------------------------------------------------------------- optimisation
 

@@ -30,6 +30,17 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 
+def text_padding_mask(tokens: Tensor, eot_token: int = 49407) -> Tensor:
+    """(B, L) token ids -> (B, L) bool, True at the padding positions strictly after the first EOT.
+
+    Padding is found through the EOT (CLIP pads with id 0, which is also the BPE id of "!").
+    Rows without an EOT have no padding (all False). `eot_token` defaults to CLIP's 49407.
+    The one implementation: `semani.data.tokenizer` re-exports it.
+    """
+    is_eot = (tokens == eot_token).long()  # (B, L)
+    return (is_eot.cumsum(-1) - is_eot) > 0  # (B, L)
+
+
 @dataclass
 class GPTConfig:
     """SeMani-Trans hyper-parameters; the defaults are the paper's size (~152.9M parameters)."""
@@ -56,6 +67,12 @@ class GPTConfig:
     #   total                                                            = 152,866,048
     # (The authors' code, lucidrains' DALLE-pytorch, does not tie text embedding and head.)
     ffn_hidden: int | None = None
+    # The authors' text loss (DALL-E style, `text_loss="all_positions"`) predicts the padding:
+    # pad position i is its own class `text_vocab_size + i`. True gives the text head those
+    # `text_len` extra outputs: text_vocab_size + text_len = 49536 classes at the paper size, i.e.
+    # 128 * (512 + 1) = 65,664 more parameters (152,931,712 in all; the authors' head has the
+    # same 49408 + 128 rows). False (default): 49408 classes, for the non-padding text loss.
+    text_pad_targets: bool = False
     sandwich_norm: bool = True  # authors: extra LayerNorm after each branch ("sandwich")
     layerscale: bool = True  # authors/CaiT: learnable per-channel residual branch scale
     # LayerScale init: "layer" = the authors' code (dalle_pytorch LayerScale(dim, ind + 1, ...)):
@@ -104,7 +121,7 @@ def layerscale_init_value(depth: int) -> float:
 class GPTOutput:
     """Logits aligned with their targets (`logits[:, i]` predicts token i)."""
 
-    text_logits: Tensor  # (B, Lt, Vt)
+    text_logits: Tensor  # (B, Lt, Vt), Vt = text_vocab_size (+ text_len with text_pad_targets)
     image_logits: Tensor  # (B, Li, Vi)
     gray_logits: Tensor | None = None  # (B, Lg, Vi), None when the gray segment was skipped
 
@@ -301,13 +318,15 @@ class SemaniGPT(nn.Module):
         self.text_pos_emb = nn.Embedding(config.text_len, C)
         self.text_pad_emb = nn.Embedding(config.text_len, C)  # DALL-E: one pad per position
         self.image_tok_emb = nn.Embedding(config.image_vocab_size, C)  # image and gray tokens
-        self.image_pos_emb = nn.Embedding(config.image_len, C)  # image and gray positions
+        # image and gray positions: a learned 1-D table over the 16x16 grid in raster order; the
+        # authors' code uses an axial one (AxialPositionalEmbedding: row + column embeddings)
+        self.image_pos_emb = nn.Embedding(config.image_len, C)
         self.bov = nn.Parameter(torch.zeros(C))  # [BOV]
         self.bot = nn.Parameter(torch.zeros(C))  # [BOT]
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(C)
-        self.text_head = nn.Linear(C, config.text_vocab_size)
+        self.text_head = nn.Linear(C, self.text_classes)
         self.image_head = nn.Linear(C, config.image_vocab_size)
 
         self.apply(self._init_weights)
@@ -325,6 +344,12 @@ class SemaniGPT(nn.Module):
                 nn.init.zeros_(module.bias)
 
     # ---------------------------------------------------------------- helpers
+
+    @property
+    def text_classes(self) -> int:
+        """Outputs of the text head: the BPE vocabulary, plus one per position with pad targets."""
+        cfg = self.config
+        return cfg.text_vocab_size + (cfg.text_len if cfg.text_pad_targets else 0)
 
     def get_num_params(self, non_embedding: bool = False) -> int:
         """Number of parameters; `non_embedding` leaves out the positional embeddings."""
@@ -351,18 +376,12 @@ class SemaniGPT(nn.Module):
         flops_per_iter = (6 * N + 12 * L * H * Q * T) * T * fwdbwd_per_iter
         return flops_per_iter / dt / peak_flops
 
-    @staticmethod
-    def text_padding_mask(text: Tensor, eot_token: int) -> Tensor:
-        """(B, Lt) bool, True at the positions after the first EOT."""
-        is_eot = (text == eot_token).long()  # (B, Lt)
-        return (is_eot.cumsum(1) - is_eot) > 0  # (B, Lt)
-
     # ---------------------------------------------------------------- embeddings
 
     def embed_text(self, text: Tensor) -> Tensor:
         """[BOT] + text tokens (B, Lt) -> (B, 1 + Lt, C); pad positions use the pad embedding."""
         B, Lt = text.shape
-        pad = self.text_padding_mask(text, self.config.text_eot_token)  # (B, Lt)
+        pad = text_padding_mask(text, self.config.text_eot_token)  # (B, Lt)
         tok = self.text_tok_emb(text)  # (B, Lt, C)
         tok = torch.where(pad[..., None], self.text_pad_emb.weight[:Lt], tok)  # (B, Lt, C)
         x = tok + self.text_pos_emb.weight[:Lt]  # (B, Lt, C)

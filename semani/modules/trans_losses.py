@@ -1,6 +1,17 @@
 """SeMani-Trans training losses (SPEC Eq. 5-10).
 
-- `text_loss` (Eq. 5): cross-entropy of the text tokens, mean over the non-padding positions.
+- Eq. 5, two variants (`SemaniTransLoss(text_loss=...)`):
+  - `text_loss` ("non_padding", ours): cross-entropy of the text tokens, mean over the positions
+    before and at the EOT; the padding is not predicted.
+  - `text_loss_all_positions` ("all_positions", the authors'): as lucidrains' DALLE-pytorch that
+    their code builds on (`dalle_pytorch.py`: `text_range` gives pad position i the id
+    `num_text_tokens + i`, and `loss_text = F.cross_entropy(text_logits, text)` averages over all
+    128 positions), every pad position i is a class of its own, `text_vocab_size + i`, and the
+    mean runs over ALL text positions. The text head then needs `text_len` extra outputs
+    (`GPTConfig.text_pad_targets`). Each real token then weighs 1/Lt instead of 1 / (number of
+    real tokens), e.g. ~6x less for a 20-token caption in 128 positions, and the easy pad
+    positions pull the mean down. The authors' lambda_txt = 1 (against lambda_img = 7) goes with
+    this loss, so it is the default of the paper configs.
 - `image_loss` (Eq. 6): cross-entropy of the image tokens, mean over all positions.
 - `gray_loss` (Eq. 8): cross-entropy of the grayscale (vision-guidance) tokens, mean over the
   positions of the samples that carry them; 0 when no sample does.
@@ -28,7 +39,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "TEXT_LOSSES",
     "text_loss",
+    "text_pad_targets",
+    "text_loss_all_positions",
     "image_loss",
     "gray_loss",
     "autoregressive_loss",
@@ -37,6 +51,10 @@ __all__ = [
     "TransLossWeights",
     "SemaniTransLoss",
 ]
+
+
+# `SemaniTransLoss(text_loss=...)` choices: ours, and the authors' (DALL-E) loss
+TEXT_LOSSES = ("non_padding", "all_positions")
 
 
 class _Decoder(Protocol):  # what the semantic loss needs from the frozen VQGAN
@@ -62,6 +80,32 @@ def text_loss(text_logits: Tensor, text: Tensor, pad_mask: Tensor) -> Tensor:
     keep = (~pad_mask).float()  # (B, Lt)
     ce = _token_ce(text_logits, text)  # (B, Lt)
     return (ce * keep).sum() / keep.sum().clamp_min(1.0)
+
+
+def text_pad_targets(text: Tensor, pad_mask: Tensor, text_vocab_size: int) -> Tensor:
+    """The authors' text targets: text (B, Lt) with pad position i replaced by
+    `text_vocab_size + i` (their `text_range`). pad_mask (B, Lt) bool, True = padding."""
+    pad_ids = torch.arange(text.shape[1], device=text.device) + text_vocab_size  # (Lt,)
+    return torch.where(pad_mask, pad_ids, text)  # (B, Lt)
+
+
+def text_loss_all_positions(
+    text_logits: Tensor, text: Tensor, pad_mask: Tensor, text_vocab_size: int | None = None
+) -> Tensor:
+    """Eq. 5 as the authors' code: mean CE over ALL text positions, pad i targeting V + i.
+
+    text_logits (B, Lt, V + Lt) from a text head with pad classes, text (B, Lt) long, pad_mask
+    (B, Lt) bool (True = padding). `text_vocab_size` V defaults to `text_logits.shape[-1] - Lt`
+    (the text length must then be the transformer's `text_len`).
+    """
+    Lt, classes = text.shape[1], text_logits.shape[-1]
+    V = classes - Lt if text_vocab_size is None else text_vocab_size
+    if V <= 0 or V + Lt != classes:
+        raise ValueError(
+            f"text_loss='all_positions' needs text logits with text_vocab_size + text_len = "
+            f"{V} + {Lt} classes, got {classes}: set gpt.text_pad_targets=true"
+        )
+    return _token_ce(text_logits, text_pad_targets(text, pad_mask, V)).mean()
 
 
 def image_loss(image_logits: Tensor, image: Tensor) -> Tensor:
@@ -167,6 +211,10 @@ class TransLossWeights:
 class SemaniTransLoss(nn.Module):
     """All SeMani-Trans loss terms from one transformer output (Eq. 5-10).
 
+    `text_loss` picks Eq. 5: "non_padding" (ours: padding ignored) or "all_positions" (the
+    authors': every position, pad i targets class `text_vocab_size + i`; needs a GPT built with
+    `text_pad_targets=True`). `text_vocab_size`, when given, lets "all_positions" check the text
+    logits' size exactly; without it a head lacking the pad classes is caught from the data.
     `forward` returns a dict with `loss_txt`, `loss_img`, `loss_vg`, `loss_ar` and, when
     `lambda_sem > 0` and a VQGAN + CLIP are passed, `loss_sem`; `loss` is
     `loss_ar + lambda_sem * loss_sem` (Eq. 10).
@@ -179,12 +227,37 @@ class SemaniTransLoss(nn.Module):
         lambda_vg: float = 1.0,
         lambda_sem: float = 5.0,
         gumbel_tau: float = 1.0,
+        text_loss: str = "non_padding",
+        text_vocab_size: int | None = None,
     ) -> None:
         super().__init__()
         if min(lambda_txt, lambda_img, lambda_vg, lambda_sem) < 0:
             raise ValueError("loss weights must be >= 0")
+        if text_loss not in TEXT_LOSSES:
+            raise ValueError(f"text_loss must be one of {TEXT_LOSSES}, got {text_loss!r}")
         self.w = TransLossWeights(lambda_txt, lambda_img, lambda_vg, lambda_sem)
         self.gumbel_tau = gumbel_tau
+        self.text_loss = text_loss
+        self.text_vocab_size = text_vocab_size
+
+    def _text_loss(self, text_logits: Tensor, text: Tensor, pad_mask: Tensor) -> Tensor:
+        """Eq. 5 in the configured variant (see the module docstring)."""
+        if self.text_loss == "non_padding":
+            return text_loss(text_logits, text, pad_mask)
+        if self.text_vocab_size is None:
+            # without the vocabulary size, a head that lacks the pad classes shows in the data:
+            # every CLIP caption holds SOT/EOT, the last ids of the vocabulary, which would land
+            # among the pad ids (one host sync per call)
+            V = text_logits.shape[-1] - text.shape[1]
+            if V <= 0 or bool((text.masked_fill(pad_mask, 0) >= V).any()):
+                raise ValueError(
+                    f"text_loss='all_positions' needs a text head with one pad class per text "
+                    f"position (text_vocab_size + text_len outputs), but the text logits have "
+                    f"{text_logits.shape[-1]} classes for {text.shape[1]} positions and the "
+                    f"text holds ids >= {V}: set gpt.text_pad_targets=true, or "
+                    f"text_loss='non_padding'"
+                )
+        return text_loss_all_positions(text_logits, text, pad_mask, self.text_vocab_size)
 
     def forward(
         self,
@@ -210,7 +283,7 @@ class SemaniTransLoss(nn.Module):
         """
         w = self.w
         out = {
-            "loss_txt": text_loss(text_logits, text, pad_mask),
+            "loss_txt": self._text_loss(text_logits, text, pad_mask),
             "loss_img": image_loss(image_logits, image),
             "loss_vg": gray_loss(gray_logits, gray, use_gray).to(image_logits.device),
         }

@@ -5,7 +5,7 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from semani.utils.instantiators import instantiate_callbacks, instantiate_loggers
 from semani.utils.pylogger import get_pylogger
@@ -47,8 +47,18 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return metric_dict, object_dict
 
 
+USAGE = (
+    "eval.py needs the checkpoint to evaluate: python eval.py experiment=<name> "
+    "ckpt_path=logs/<task>/runs/<run>/checkpoints/last.ckpt"
+)
+
+
 def main(cfg: DictConfig) -> dict[str, float]:
-    """Entry point for ``eval.py``."""
+    """Entry point for ``eval.py``; a missing or absent ``ckpt_path`` exits with one line."""
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
+        raise SystemExit(f"error: {USAGE}")
+    if not Path(str(cfg.ckpt_path)).is_file():
+        raise SystemExit(f"error: ckpt_path={cfg.ckpt_path} does not exist. {USAGE}")
     extras(cfg)
     metric_dict, _ = evaluate(cfg)
     return metric_dict

@@ -10,6 +10,7 @@ global makes the load fail with an error that names it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pickle
@@ -154,3 +155,19 @@ def load_state_dict_strict(
             )
         raise CheckpointMismatchError(" ".join(lines))
     module.load_state_dict(state_dict, strict=True)
+
+
+def state_fingerprint(module: nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """A short hash of a state dict: names, dtypes, shapes and bytes of every tensor.
+
+    Two modules share a fingerprint exactly when their state dicts are equal bit for bit; used
+    to check that frozen weights re-read from their own files are the ones a model was trained
+    with.
+    """
+    sd = module.state_dict() if isinstance(module, nn.Module) else module
+    digest = hashlib.sha256()
+    for name in sorted(sd):
+        t = sd[name].detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(sd[name].shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
