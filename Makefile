@@ -23,9 +23,16 @@ test: install
 	$(PY) -m ruff check .
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Everything, including tests marked slow (they skip with a reason when weights are absent).
-test-all: install
-	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
+# The notebooks extra (matplotlib, ipykernel, nbclient) that tests/test_notebook.py needs.
+$(VENV)/.installed-notebooks: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev,notebooks]"
+	touch $@
+
+# Everything, including tests marked slow (they skip with a reason when weights are absent)
+# and the notebook run (tests/test_notebook.py, a few minutes).
+test-all: $(VENV)/.installed-notebooks
+	$(PY) -m ruff check .
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q -m "" $(PYTEST_ARGS)
 
 # The main job on the embedded default: make ShapesWorld, train the VQGAN on CPU, report the
 # reconstruction error before and after training, and where the checkpoint and samples went.
@@ -37,7 +44,7 @@ quickstart: install
 	mkdir -p pretrained/vqgan_shapes
 	cp logs/quickstart/vqgan_shapes/checkpoints/last.ckpt pretrained/vqgan_shapes/last.ckpt
 	@echo "VQGAN checkpoint: pretrained/vqgan_shapes/last.ckpt (run: logs/quickstart/vqgan_shapes)"
-	@echo "reconstructions: logs/quickstart/vqgan_shapes/csv/version_0/images/"
+	@echo "input/reconstruction grids: logs/quickstart/vqgan_shapes/csv/version_0/images/{train,val}/"
 
 lint: install
 	$(PY) -m ruff check .
