@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import semani
 from semani.data.shapes import COLORS, ShapesWorldDataset
 from semani.data.tokenizer import TextTokenizer
 from semani.manipulation.sampling import sample_image_tokens
@@ -52,7 +53,8 @@ def entity_colours(ds: ShapesWorldDataset, index: int) -> list[dict]:
     return json.loads(meta_path.read_text())["entities"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the checks (``argv``: the command-line arguments) and return the printed JSON."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--ckpt", required=True, help="SemaniTransModule Lightning checkpoint")
     p.add_argument("--data", default="data/shapes", help="ShapesWorld root")
@@ -63,14 +65,13 @@ def main() -> None:
     p.add_argument("--min-frac", type=float, default=0.01)
     p.add_argument("--filter-thres", type=float, default=0.9)
     p.add_argument("--out", default=None, help="write sample grids (PNG) into this folder")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(args.seed)
 
-    model = SemaniTransModule.load_from_checkpoint(
-        args.ckpt, map_location="cpu", weights_only=True
-    )
-    model.eval()
+    model = semani.load_model(args.ckpt)
+    if not isinstance(model, SemaniTransModule):
+        raise SystemExit(f"--ckpt {args.ckpt} holds a {type(model).__name__}, not SeMani-Trans")
     gpt, vqgan = model.gpt, model.vqgan
     tok = TextTokenizer(context_length=gpt.config.text_len)
     h = w = int(gpt.config.image_len**0.5)  # token grid
@@ -147,13 +148,15 @@ def main() -> None:
             save_image((torch.cat(edited_images[:16]) + 1) / 2, out_dir / "edits.png", nrow=8)
         (out_dir / "captions.txt").write_text("\n".join(s["caption"] for s in samples[:32]))
 
-    print(json.dumps({
+    result = {
         "ckpt": args.ckpt, "images": n,
         "colour_recall": round(drawn / max(total, 1), 4),
         "colour_recall_shuffled": round(drawn_shuffled / max(n_shuffled, 1), 4),
         "edits": edits, "edit_success": round(success / max(edits, 1), 4),
         "outside_l2": round(sum(outside) / max(len(outside), 1), 5),
-    }))  # fmt: skip
+    }  # fmt: skip
+    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger("bench.trans_train_step")
 
@@ -46,6 +45,7 @@ def _sync(device: torch.device) -> None:
 def worker(args: argparse.Namespace) -> dict:
     """Build one model, run the training steps, return its timing and memory."""
     from semani.modules.gpt import GPTConfig, SemaniGPT
+    from semani.modules.trans_losses import token_cross_entropy
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -68,8 +68,10 @@ def worker(args: argparse.Namespace) -> dict:
 
         def loss_fn():
             out = model(text, image)
-            return F.cross_entropy(out.text_logits.transpose(1, 2), text) + F.cross_entropy(
-                out.image_logits.transpose(1, 2), image
+            # the losses as training computes them (rows of (B*L, V) logits)
+            return (
+                token_cross_entropy(out.text_logits, text).mean()
+                + token_cross_entropy(out.image_logits, image).mean()
             )
     else:
         import transformers  # taming's mingpt imports a function transformers 5 removed
