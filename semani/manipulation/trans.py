@@ -3,8 +3,9 @@
 Inference only. `TransEditor.edit` tokenises the text, encodes the image to VQGAN tokens (and,
 with vision guidance, the grayscale image replicated to 3 channels), re-samples the tokens
 inside the token mask with the transformer while every other token is forced to the original,
-and decodes. `mask_to_token_mask` turns a pixel mask into that token mask (bilinear resize to the
-token grid, then `> threshold`, as the paper prefers to max-pooling).
+and decodes. `mask_to_token_mask` (`semani.utils.masks`, shared with the alignment phase) turns a
+pixel mask into that token mask (bilinear resize to the token grid, then `> threshold`, as the
+paper prefers to max-pooling).
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from semani.data.transforms import to_grayscale
 from semani.manipulation.sampling import sample_image_tokens
 from semani.modules.gpt import SemaniGPT
+from semani.utils.masks import MaskTooSmallError, mask_to_token_mask
 
 log = logging.getLogger(__name__)
+
+__all__ = ["MaskTooSmallError", "TransEditor", "mask_to_token_mask"]
 
 
 class TokenCodec(Protocol):
@@ -38,34 +41,6 @@ class Tokenizer(Protocol):
     context_length: int
 
     def __call__(self, texts: str | Sequence[str]) -> Tensor: ...  # -> (B, L) long
-
-
-class MaskTooSmallError(ValueError):
-    """An entity covers fewer token cells than `min_tokens`; the authors skip such entities."""
-
-
-def mask_to_token_mask(
-    mask: Tensor, grid: tuple[int, int], threshold: float = 0.0, min_tokens: int = 4
-) -> Tensor:
-    """Pixel mask (H, W) or (B, H, W) in [0, 1] -> token mask (h, w) / (B, h, w) bool.
-
-    Bilinear resize to the token `grid`, then a token belongs to the entity where the value is
-    `> threshold`. Raises `MaskTooSmallError` when a mask covers fewer than `min_tokens` cells
-    (the authors skip those; pass `min_tokens=0` to keep them).
-    """
-    if mask.dim() not in (2, 3):
-        raise ValueError(f"mask must be (H, W) or (B, H, W), got {tuple(mask.shape)}")
-    m = mask.float().reshape(-1, 1, *mask.shape[-2:])  # (B, 1, H, W)
-    m = F.interpolate(m, size=tuple(grid), mode="bilinear", align_corners=False)  # (B, 1, h, w)
-    token_mask = m[:, 0] > threshold  # (B, h, w)
-    counts = token_mask.flatten(1).sum(1)  # (B,)
-    if bool((counts < min_tokens).any()):
-        raise MaskTooSmallError(
-            f"entity mask covers {counts.tolist()} token cells, fewer than "
-            f"min_tokens={min_tokens}; skip this entity (as the authors do) or pass "
-            "min_tokens=0 to edit it anyway"
-        )
-    return token_mask if mask.dim() == 3 else token_mask[0]
 
 
 class TransEditor:
