@@ -2,8 +2,13 @@
 
     python scripts/check_trans_shapes.py --ckpt logs/.../checkpoints/last.ckpt --data data/shapes
 
-Two measurements on the ShapesWorld test split, both read off the pixels with the generator's
-palette (``semani.data.shapes.COLORS``):
+Three measurements on the ShapesWorld test split:
+
+- **caption use**: ``image_nll`` is the mean image-token cross-entropy (nats) of the test images'
+  VQGAN tokens given their own caption, ``image_nll_shuffled`` given another image's caption;
+  ``caption_nll_gain`` (their difference) is 0 for a model that ignores the text.
+
+The other two are read off the pixels with the generator's palette (``semani.data.shapes.COLORS``):
 
 - **generation**: sample a whole image from each test caption; an entity of the caption counts as
   drawn when at least ``--min-frac`` of the pixels lie within ``--radius`` (RGB distance) of its
@@ -34,6 +39,7 @@ from semani.data.tokenizer import TextTokenizer
 from semani.manipulation.sampling import sample_image_tokens
 from semani.manipulation.trans import MaskTooSmallError, TransEditor, mask_to_token_mask
 from semani.models.semani_trans import SemaniTransModule
+from semani.modules.trans_losses import image_loss
 
 log = logging.getLogger("check_trans_shapes")
 
@@ -51,6 +57,25 @@ def entity_colours(ds: ShapesWorldDataset, index: int) -> list[dict]:
     """The entity records (name, colour, rgb, ...) of test image ``index``."""
     meta_path = ds.root / "entities" / f"{ds.keys[index]}.json"
     return json.loads(meta_path.read_text())["entities"]
+
+
+@torch.inference_mode()
+def caption_nll(
+    model: SemaniTransModule, tok: TextTokenizer, samples: list[dict], batch: int
+) -> tuple[float, float]:
+    """Mean image-token NLL (nats) of the test images under their own caption and under the
+    caption of another image (the same pairing as ``colour_recall_shuffled``)."""
+    n = len(samples)
+    captions = [s["caption"] for s in samples]
+    others = [captions[(i + n // 2) % n] for i in range(n)]
+    totals = [0.0, 0.0]
+    for start in range(0, n, batch):
+        images = torch.stack([s["image"] for s in samples[start : start + batch]])
+        target = model.image_tokens(images).flatten(1)  # (b, Li)
+        for k, texts in enumerate((captions, others)):
+            out = model.gpt(tok(texts[start : start + batch]), target)
+            totals[k] += image_loss(out.image_logits, target).item() * len(images)
+    return totals[0] / n, totals[1] / n
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -82,6 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
     samples = [ds[i] for i in range(n)]
     ents = [entity_colours(ds, i) for i in range(n)]
     gen = torch.Generator().manual_seed(args.seed)
+
+    # ---- does the model read the caption? image-token NLL under the right and a wrong one
+    nll, nll_shuffled = caption_nll(model, tok, samples, args.batch)
 
     # ---- generation from the caption
     drawn, drawn_shuffled, total = 0, 0, 0
@@ -150,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {
         "ckpt": args.ckpt, "images": n,
+        "image_nll": round(nll, 4), "image_nll_shuffled": round(nll_shuffled, 4),
+        "caption_nll_gain": round(nll_shuffled - nll, 4),
         "colour_recall": round(drawn / max(total, 1), 4),
         "colour_recall_shuffled": round(drawn_shuffled / max(n_shuffled, 1), 4),
         "edits": edits, "edit_success": round(success / max(edits, 1), 4),
