@@ -50,7 +50,7 @@ def _check(ckpt: Path, data: Path) -> dict:
     return main(["--ckpt", str(ckpt), "--data", str(data), "--n", "64"])
 
 
-def test_short_run_follows_captions_and_untrained_does_not(tmp_path: Path) -> None:
+def test_shapes_recipe_follows_captions_and_untrained_does_not(tmp_path: Path) -> None:
     data = tmp_path / "shapes"
     _run([str(REPO_ROOT / "scripts" / "make_shapes.py"), "--out", str(data), "--n-train",
           "2000", "--n-test", "200", "--size", "64", "--seed", "0"], tmp_path)  # fmt: skip
