@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import semani  # noqa: F401  (registers the config resolvers, e.g. ${semani.abspath:...})
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _torch_threads() -> None:
