@@ -3,11 +3,14 @@
 A checkpoint names the class that wrote it (the `semani_model` entry written by
 `on_save_checkpoint`); older ones are recognised by their hyper-parameters. Each class has a
 loader here that reads weights-only and strictly and accepts load-time overrides (a moved frozen
-file, another device). Later model classes add themselves with `register_model`.
+file, another device). Other model classes (e.g. `semani.models.clip_module.ClipTrainModule`)
+add themselves with `register_model` when their module is imported; `load_model` imports the
+module a checkpoint names (only inside `semani`).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -101,6 +104,9 @@ def load_model(
     source = str(path)
     ckpt = load_checkpoint(path)
     name = model_class_name(ckpt, source)
+    if name not in _LOADERS and name.startswith("semani."):
+        # a class of ours that registers itself when its module is imported
+        importlib.import_module(name.rsplit(".", 1)[0])
     loader = _LOADERS.get(name)
     if loader is None:
         raise CheckpointMismatchError(
