@@ -119,13 +119,15 @@ class MaskPromptScorer(nn.Module):
         self.threshold = threshold
         self.selection = selection
 
+    mask_prompt = True  # the crops go through the mask-prompted CLIP
+
     @torch.no_grad()
     def forward(self, image: Tensor, proposals: EntityProposals, word: str) -> Tensor:
         """-> (K,) cosine similarities (NaN for empty masks)."""
         image = as_image(image, proposals)
         if len(proposals) == 0:
             return torch.zeros(0)
-        emb = self.model.encode_entities(image, proposals.masks)  # (K, D)
+        emb = self.model.encode_entities(image, proposals.masks, mask_prompt=self.mask_prompt)
         return (emb @ self.text(self.model.clip, word)).cpu()  # (K,)
 
 
@@ -152,11 +154,5 @@ class MaskedCropClipScorer(nn.Module):
         self.threshold = threshold
         self.selection = selection
 
-    @torch.no_grad()
-    def forward(self, image: Tensor, proposals: EntityProposals, word: str) -> Tensor:
-        """-> (K,) cosine similarities (NaN for empty masks)."""
-        image = as_image(image, proposals)
-        if len(proposals) == 0:
-            return torch.zeros(0)
-        emb = self.model.encode_entities(image, proposals.masks, mask_prompt=False)  # (K, D)
-        return (emb @ self.text(self.model.clip, word)).cpu()  # (K,)
+    mask_prompt = False  # the same crops through the plain CLIP
+    forward = MaskPromptScorer.forward

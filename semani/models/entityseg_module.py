@@ -29,6 +29,7 @@ from torch import Tensor
 
 from semani.alignment.segmenters.common import proposal_recall
 from semani.alignment.segmenters.mask2former import panoptic_proposals
+from semani.utils.lr_schedule import optimizer_config
 
 log = logging.getLogger(__name__)
 
@@ -187,12 +188,7 @@ class EntitySegModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         factory = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=1e-4))
         optimizer = factory(params=self.model.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        schedulers = self.scheduler_factory(optimizer)
-        if not isinstance(schedulers, (list, tuple)):
-            schedulers = [schedulers]
-        return [optimizer], list(schedulers)
+        return optimizer_config(optimizer, self.scheduler_factory)
 
     def export(self, folder: str | Path) -> Path:
         """Write the model and its image processor with ``save_pretrained`` (the segmenter's

@@ -60,6 +60,7 @@ from semani.utils.checkpoint import (
     load_state_dict_strict,
     state_fingerprint,
 )
+from semani.utils.lr_schedule import optimizer_config
 
 log = logging.getLogger(__name__)
 
@@ -519,12 +520,7 @@ class SemaniTransModule(pl.LightningModule):
         factory = self.optimizer_factory or DEFAULT_OPTIMIZER
         wd = getattr(factory, "keywords", {}).get("weight_decay", 0.0)
         optimizer = factory(params=self.gpt.configure_optimizer_groups(wd))
-        if self.scheduler_factory is None:
-            return optimizer
-        schedulers = self.scheduler_factory(optimizer)
-        if not isinstance(schedulers, (list, tuple)):
-            schedulers = [schedulers]
-        return [optimizer], list(schedulers)
+        return optimizer_config(optimizer, self.scheduler_factory)
 
     # ---------------------------------------------------------------- images
 

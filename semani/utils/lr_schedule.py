@@ -24,7 +24,12 @@ from typing import Any
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-__all__ = ["LinearWarmup", "PlateauAfterWarmup", "warmup_plateau_schedulers"]
+__all__ = [
+    "LinearWarmup",
+    "PlateauAfterWarmup",
+    "optimizer_config",
+    "warmup_plateau_schedulers",
+]
 
 
 class LinearWarmup(LRScheduler):
@@ -132,3 +137,15 @@ def warmup_plateau_schedulers(
             "name": "lr_plateau",
         },
     ]
+
+
+def optimizer_config(optimizer: Optimizer, scheduler_factory: Any) -> Any:
+    """`configure_optimizers`' return value: the optimizer alone without a scheduler factory,
+    else `([optimizer], [scheduler config, ...])` from `scheduler_factory(optimizer)` (one config
+    or a list)."""
+    if scheduler_factory is None:
+        return optimizer
+    schedulers = scheduler_factory(optimizer)
+    if not isinstance(schedulers, (list, tuple)):
+        schedulers = [schedulers]
+    return [optimizer], list(schedulers)
