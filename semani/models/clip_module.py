@@ -7,12 +7,6 @@
   (`semani.modules.filip`), optionally plus `global_loss_weight` x the CLIP loss, which also
   trains the pooled embeddings that a global CLIP user (the semantic loss) reads.
 
-`hard_negative_words` (groups of interchangeable words, e.g. ShapesWorld's shape names) adds
-NegCLIP-style hard negatives (Yuksekgonul et al. 2023): each training caption is copied with its
-group words swapped for other words of their group ("a red circle" -> "a red star"), and the
-copies join every image's candidate texts in the image->text term. Without them a CLIP trained on
-ShapesWorld solves its batches with colours and backgrounds and never learns the shapes.
-
 Batches are our data dicts: `image` (B, 3, H, W) in [-1, 1] (resized to the model's input size
 if needed and normalised with its mean/std here) and `tokens` (B, L) CLIP BPE ids with L = the
 model's context length (`data.context_length`). Validation and test log the loss and caption
@@ -33,7 +27,6 @@ import inspect
 import logging
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,7 +56,7 @@ from semani.utils.checkpoint import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClipTrainModule", "export_open_clip", "recall_at_k", "swap_words", "warmup_cosine"]
+__all__ = ["ClipTrainModule", "export_open_clip", "recall_at_k", "warmup_cosine"]
 
 LOSSES = ("clip", "filip")
 EXPORT_NAME = "open_clip_model.pt"
@@ -77,22 +70,6 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def swap_words(caption: str, groups: Sequence[Sequence[str]]) -> str | None:
-    """`caption` with every word of a group replaced by another word of the same group (a
-    random one per distinct word, from torch's generator); None if it has no group word."""
-    words = {w: g for g in groups for w in g}
-    found = list(dict.fromkeys(re.findall(r"[a-z0-9'-]+", caption.lower())))
-    mapping = {}
-    for w in found:
-        if w in words and len(words[w]) > 1:
-            others = [o for o in words[w] if o != w]
-            mapping[w] = others[int(torch.randint(len(others), ()))]
-    if not mapping:
-        return None
-    pattern = r"\b(" + "|".join(map(re.escape, mapping)) + r")\b"
-    return re.sub(pattern, lambda m: mapping[m.group(1).lower()], caption, flags=re.IGNORECASE)
 
 
 def recall_at_k(sim: Tensor, ks: Sequence[int] = RECALL_KS) -> dict[int, float]:
@@ -122,8 +99,6 @@ class ClipTrainModule(pl.LightningModule):
         min_lr_ratio: the final LR as a fraction of `lr`.
         global_loss_weight: with loss="filip", weight of an added CLIP loss on the pooled
             embeddings (0: FILIP alone, as in the paper).
-        hard_negative_words: groups of interchangeable words for swapped-caption hard
-            negatives (see the module docstring; needs `caption` in the batch); None: none.
         max_logit_scale: the temperature's exp(scale) is clamped to [1, this] after every step.
         export_dir: folder under the run's output dir for the open_clip state dict written at
             the end of training (None: no export).
@@ -142,7 +117,6 @@ class ClipTrainModule(pl.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.0,
         global_loss_weight: float = 0.0,
-        hard_negative_words: Sequence[Sequence[str]] | None = None,
         max_logit_scale: float = 100.0,
         export_dir: str | None = "clip",
         image_key: str = "image",
@@ -152,8 +126,6 @@ class ClipTrainModule(pl.LightningModule):
         if loss not in LOSSES:
             raise ValueError(f"unknown CLIP loss {loss!r}: use one of {LOSSES}")
         betas = [float(b) for b in betas]
-        if hard_negative_words is not None:
-            hard_negative_words = [[str(w).lower() for w in g] for g in hard_negative_words]
         self.save_hyperparameters()
         source, tag_cfg = resolve_pretrained(model_name, pretrained)
         kwargs = {"force_quick_gelu": True} if tag_cfg.get("quick_gelu") else {}
@@ -161,7 +133,6 @@ class ClipTrainModule(pl.LightningModule):
         self.loss_name = loss
         self.clip_loss = ClipLoss()  # replaced by a gathering one under DDP (`setup`)
         self.filip_loss = FilipLoss()
-        self.tokenizer = open_clip.get_tokenizer(model_name) if hard_negative_words else None
         pre = getattr(self.model.visual, "preprocess_cfg", None) or {}
         mean, std = pre.get("mean", OPENAI_DATASET_MEAN), pre.get("std", OPENAI_DATASET_STD)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -205,45 +176,16 @@ class ClipTrainModule(pl.LightningModule):
         mask = text_token_mask(ids)  # (B, L)
         return {"image": image, "text": text, "patches": patches, "tokens": tokens, "mask": mask}
 
-    def negative_features(self, batch: Mapping[str, Any]) -> dict[str, Tensor] | None:
-        """`text` (B', D), `tokens` (B', L, D), `mask` (B', L) of the swapped-word copies of
-        the batch's captions (`hard_negative_words`); None without them."""
-        if self.tokenizer is None:
-            return None
-        if "caption" not in batch:
-            raise KeyError("hard_negative_words needs the captions as strings (batch['caption'])")
-        groups = self.hparams.hard_negative_words
-        swapped = [c for c in (swap_words(c, groups) for c in batch["caption"]) if c is not None]
-        if not swapped:
-            return None
-        ids = self.tokenizer(swapped).to(self.device)  # (B', L)
-        text, tokens = encode_text_with_tokens(self.model, ids, normalize=True)
-        return {"text": text, "tokens": tokens, "mask": text_token_mask(ids)}
-
-    def _global_loss(self, f: Mapping[str, Tensor], neg: Mapping[str, Tensor] | None) -> Tensor:
+    def compute_loss(self, f: Mapping[str, Tensor]) -> Tensor:
+        """The training loss of a batch of `features`."""
         scale = self.model.logit_scale.exp()
-        if neg is None:
-            return self.clip_loss(f["image"], f["text"], scale)
-        labels = torch.arange(f["image"].shape[0], device=f["image"].device)
-        texts = torch.cat([f["text"], neg["text"]])  # (B + B', D): negatives match no image
-        loss_i2t = F.cross_entropy(scale * f["image"] @ texts.T, labels)
-        loss_t2i = F.cross_entropy(scale * f["text"] @ f["image"].T, labels)
-        return (loss_i2t + loss_t2i) / 2
-
-    def compute_loss(
-        self, f: Mapping[str, Tensor], neg: Mapping[str, Tensor] | None = None
-    ) -> Tensor:
-        """The training loss of a batch of `features` (and hard `negative_features`)."""
         if self.loss_name == "clip":
-            return self._global_loss(f, neg)
-        scale = self.model.logit_scale.exp()
-        loss = self.filip_loss(
-            f["patches"], f["tokens"], f["mask"], scale,
-            neg_tokens=None if neg is None else neg["tokens"],
-            neg_mask=None if neg is None else neg["mask"],
-        )  # fmt: skip
+            return self.clip_loss(f["image"], f["text"], scale)
+        loss = self.filip_loss(f["patches"], f["tokens"], f["mask"], scale)
         if self.hparams.global_loss_weight:
-            loss = loss + self.hparams.global_loss_weight * self._global_loss(f, neg)
+            loss = loss + self.hparams.global_loss_weight * self.clip_loss(
+                f["image"], f["text"], scale
+            )
         return loss
 
     # ---------------------------------------------------------------- training
@@ -256,7 +198,7 @@ class ClipTrainModule(pl.LightningModule):
             )
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        loss = self.compute_loss(self.features(batch), self.negative_features(batch))
+        loss = self.compute_loss(self.features(batch))
         bs = batch[self.hparams.image_key].shape[0]
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True,
                  batch_size=bs)  # fmt: skip

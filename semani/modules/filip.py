@@ -65,27 +65,15 @@ class FilipLoss(nn.Module):
     """FILIP's symmetric InfoNCE on token-wise similarities (see the module docstring)."""
 
     def forward(
-        self,
-        patches: Tensor,
-        tokens: Tensor,
-        token_mask: Tensor,
-        logit_scale: Tensor,
-        neg_tokens: Tensor | None = None,
-        neg_mask: Tensor | None = None,
+        self, patches: Tensor, tokens: Tensor, token_mask: Tensor, logit_scale: Tensor
     ) -> Tensor:
         """Paired batches: patches (B, N, D) and tokens (B, L, D), both L2-normalised,
-        token_mask (B, L) bool, logit_scale = exp(CLIP's log-scale) -> scalar loss.
-
-        `neg_tokens` (B', L, D) / `neg_mask` (B', L): extra texts that match no image (hard
-        negatives), added to every image's candidates in the image->text term only."""
+        token_mask (B, L) bool, logit_scale = exp(CLIP's log-scale) -> scalar loss."""
         if patches.shape[0] != tokens.shape[0]:
             raise ValueError(
                 f"FILIP needs paired batches: {patches.shape[0]} images, {tokens.shape[0]} texts"
             )
         s_i2t, s_t2i = filip_similarity(patches, tokens, token_mask)  # (B, B) each
-        if neg_tokens is not None and neg_mask is not None and len(neg_tokens):
-            s_neg, _ = filip_similarity(patches, neg_tokens, neg_mask)  # (B, B')
-            s_i2t = torch.cat([s_i2t, s_neg], dim=1)  # (B, B + B')
         labels = torch.arange(patches.shape[0], device=patches.device)
         loss_i2t = F.cross_entropy(logit_scale * s_i2t, labels)  # rows: images
         loss_t2i = F.cross_entropy(logit_scale * s_t2i.T, labels)  # rows: texts
