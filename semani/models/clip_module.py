@@ -34,13 +34,12 @@ from typing import Any
 import open_clip
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.loss import ClipLoss
 from torch import Tensor
 
 from semani.loading import MODEL_KEY, register_model
-from semani.modules.clip import resolve_pretrained
+from semani.modules.clip import clip_preprocess, resolve_pretrained
 from semani.modules.clip_tokens import (
     encode_image_with_patches,
     encode_text_with_tokens,
@@ -148,13 +147,8 @@ class ClipTrainModule(pl.LightningModule):
     # ---------------------------------------------------------------- inputs and features
 
     def preprocess(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) in [-1, 1] -> CLIP input: bicubic resize if needed, mean/std."""
-        if tuple(images.shape[-2:]) != self.image_size:
-            images = F.interpolate(
-                images, size=self.image_size, mode="bicubic", align_corners=False, antialias=True
-            )  # (B, 3, h, w)
-        x = (images.float() + 1) / 2  # [0, 1]
-        return (x - self.mean) / self.std
+        """(B, 3, H, W) in [-1, 1] -> CLIP input, exactly as `ClipModel` prepares it."""
+        return clip_preprocess(images.float(), self.image_size, self.mean, self.std)
 
     def _tokens(self, batch: Mapping[str, Any]) -> Tensor:
         tokens = batch[self.hparams.text_key]  # (B, L)

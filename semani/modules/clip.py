@@ -33,9 +33,17 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import Tensor
 
+from semani.modules.clip_tokens import patch_features
+
 log = logging.getLogger(__name__)
 
-__all__ = ["ClipModel", "TINY_CLIP_NAME", "CLIP_CONFIG_DIR", "resolve_pretrained"]
+__all__ = [
+    "ClipModel",
+    "TINY_CLIP_NAME",
+    "CLIP_CONFIG_DIR",
+    "clip_preprocess",
+    "resolve_pretrained",
+]
 
 CLIP_CONFIG_DIR = Path(__file__).parent / "clip_configs"
 TINY_CLIP_NAME = "semani-tiny-ViT"  # embed 32, ViT 2 layers x 64 wide, 32 px, patch 8, ctx 77
@@ -113,6 +121,26 @@ def resolve_pretrained(
     return cached, tag_cfg
 
 
+def clip_preprocess(images: Tensor, size: tuple[int, int], mean: Tensor, std: Tensor) -> Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, 3, h, w) CLIP input, differentiable: bicubic resize of the
+    shorter side to `size` (no antialias), centre crop, then the CLIP mean/std (shaped to
+    broadcast, e.g. (1, 3, 1, 1)). Training (`ClipTrainModule`) and use (`ClipModel`) share it."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
+    th, tw = size
+    H, W = images.shape[-2:]
+    if (H, W) != (th, tw):
+        scale = max(th / H, tw / W)  # shorter side to the target, then centre crop
+        rh, rw = max(th, round(H * scale)), max(tw, round(W * scale))
+        images = F.interpolate(
+            images, size=(rh, rw), mode="bicubic", align_corners=False, antialias=False
+        )  # (B, 3, rh, rw)
+        top, left = (rh - th) // 2, (rw - tw) // 2
+        images = images[..., top : top + th, left : left + tw]  # (B, 3, th, tw)
+    x = (images + 1) / 2  # [0, 1]
+    return (x - mean.to(x.dtype)) / std.to(x.dtype)
+
+
 class ClipModel(nn.Module):
     """Frozen open_clip model with [-1, 1] image input and caption/tensor text input.
 
@@ -185,20 +213,7 @@ class ClipModel(nn.Module):
 
     def preprocess(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, 3, h, w) CLIP input, differentiable."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
-        th, tw = self.image_size
-        H, W = images.shape[-2:]
-        if (H, W) != (th, tw):
-            scale = max(th / H, tw / W)  # shorter side to the target, then centre crop
-            rh, rw = max(th, round(H * scale)), max(tw, round(W * scale))
-            images = F.interpolate(
-                images, size=(rh, rw), mode="bicubic", align_corners=False, antialias=False
-            )  # (B, 3, rh, rw)
-            top, left = (rh - th) // 2, (rw - tw) // 2
-            images = images[..., top : top + th, left : left + tw]  # (B, 3, th, tw)
-        x = (images + 1) / 2  # [0, 1]
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        return clip_preprocess(images, self.image_size, self.mean, self.std)
 
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, D) image embeddings (L2-normalised by default)."""
@@ -211,21 +226,7 @@ class ClipModel(nn.Module):
         embedding (what FILIP-style token-wise similarity uses with a plain CLIP ViT). The grid
         is `(h / patch, w / patch)` in row-major order.
         """
-        visual = self.model.visual
-        if not isinstance(visual, open_clip.transformer.VisionTransformer):
-            raise NotImplementedError(
-                f"patch tokens need an open_clip VisionTransformer tower; {self.model_name} has "
-                f"{type(visual).__name__}"
-            )
-        old = visual.output_tokens
-        visual.output_tokens = True
-        try:
-            _, tokens = visual(self.preprocess(images))  # (B, N, width)
-        finally:
-            visual.output_tokens = old
-        if visual.proj is not None:
-            tokens = tokens @ visual.proj  # (B, N, D)
-        return F.normalize(tokens, dim=-1) if normalize else tokens
+        return patch_features(self.model, self.preprocess(images), normalize=normalize)
 
     # ---------------------------------------------------------------- text
 
