@@ -22,7 +22,6 @@ load. `export_open_clip(ckpt, out)` writes the same file from any checkpoint of 
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import math
@@ -37,6 +36,7 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.loss import ClipLoss
 from torch import Tensor
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from semani.loading import MODEL_KEY, register_model
 from semani.modules.clip import clip_preprocess, resolve_pretrained
@@ -55,20 +55,12 @@ from semani.utils.checkpoint import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClipTrainModule", "export_open_clip", "recall_at_k", "warmup_cosine"]
+__all__ = ["ClipTrainModule", "export_open_clip", "recall_at_k"]
 
 LOSSES = ("clip", "filip")
 EXPORT_NAME = "open_clip_model.pt"
 RECALL_KS = (1, 5)
 _PREFIX = "model."  # the open_clip model's keys inside our state dict
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """LR factor: linear warm-up to 1 over `warmup_steps`, then cosine to `min_ratio`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def recall_at_k(sim: Tensor, ks: Sequence[int] = RECALL_KS) -> dict[int, float]:
@@ -218,11 +210,10 @@ class ClipTrainModule(pl.LightningModule):
             lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
         )  # fmt: skip
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        factor = functools.partial(
-            warmup_cosine, warmup_steps=hp.warmup_steps, total_steps=total,
-            min_ratio=hp.min_lr_ratio,
+        sched = get_cosine_with_min_lr_schedule_with_warmup(
+            opt, num_warmup_steps=hp.warmup_steps, num_training_steps=total,
+            min_lr_rate=hp.min_lr_ratio,
         )  # fmt: skip
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---------------------------------------------------------------- evaluation
