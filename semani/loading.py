@@ -11,6 +11,7 @@ module a checkpoint names (only inside `semani`).
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -23,7 +24,7 @@ from semani.utils.checkpoint import CheckpointMismatchError, load_checkpoint
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_model", "register_model", "model_class_name"]
+__all__ = ["check_overrides", "load_model", "register_model", "model_class_name"]
 
 MODEL_KEY = "semani_model"  # the checkpoint entry naming the class that wrote it
 TRANS = "semani.models.semani_trans.SemaniTransModule"
@@ -32,6 +33,14 @@ VQGAN = "semani.models.vqgan.VQGANModule"
 # class name -> loader(checkpoint dict, source path, **overrides) -> module
 Loader = Callable[..., pl.LightningModule]
 _LOADERS: dict[str, Loader] = {}
+
+
+def check_overrides(cls: type, overrides: Mapping[str, Any]) -> None:
+    """TypeError naming the load-time overrides that are no constructor argument of `cls`."""
+    known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown {cls.__name__} overrides {unknown}; known: {sorted(known)}")
 
 
 def register_model(name: str, loader: Loader) -> None:

@@ -22,7 +22,6 @@ load. `export_open_clip(ckpt, out)` writes the same file from any checkpoint of 
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import os
@@ -38,7 +37,7 @@ from open_clip.loss import ClipLoss
 from torch import Tensor
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from semani.loading import MODEL_KEY, register_model
+from semani.loading import MODEL_KEY, check_overrides, register_model
 from semani.modules.clip import clip_preprocess, resolve_pretrained
 from semani.modules.clip_tokens import (
     encode_image_with_patches,
@@ -288,10 +287,7 @@ class ClipTrainModule(pl.LightningModule):
                 f"checkpoint '{source}' is not a ClipTrainModule checkpoint (its "
                 "hyper_parameters have no 'model_name')"
             )
-        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise TypeError(f"unknown ClipTrainModule overrides {unknown}; known: {sorted(known)}")
+        check_overrides(cls, overrides)
         model = cls(**{**dict(hp), **overrides, "pretrained": None})
         load_state_dict_strict(
             model, get_state_dict(checkpoint, source), source, expected="a ClipTrainModule"

@@ -34,7 +34,6 @@ The VQGAN is chosen by `vqgan` (a mapping; set one of the first two, or leave bo
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -47,7 +46,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
 from semani.data.transforms import to_grayscale
-from semani.loading import MODEL_KEY
+from semani.loading import MODEL_KEY, check_overrides
 from semani.manipulation.sampling import sample_image_tokens
 from semani.models.vqgan import VQGANModule
 from semani.modules.clip import ClipModel
@@ -151,10 +150,7 @@ def _clip_source(spec: Mapping[str, Any] | None) -> str:
 def _merge_hparams(saved: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Saved hparams updated by load-time overrides (frozen-part specs merged, see
     `SemaniTransModule.load_from_checkpoint`)."""
-    known = set(inspect.signature(SemaniTransModule.__init__).parameters) - {"self"}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise TypeError(f"unknown SemaniTransModule overrides {unknown}; known: {sorted(known)}")
+    check_overrides(SemaniTransModule, overrides)
     out = dict(saved)
     for key, value in overrides.items():
         old = out.get(key)
