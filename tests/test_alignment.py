@@ -22,9 +22,9 @@ from semani.modules.clip import TINY_CLIP_NAME, ClipModel
 from semani.modules.mask_clip import (
     OVSEG_CLIP_PREFIX,
     MaskPromptCLIP,
-    _quickgelu_name,
     masked_crops,
     patch_foreground,
+    quickgelu_name,
 )
 from semani.utils.checkpoint import CheckpointMismatchError
 from semani.utils.masks import mask_to_token_mask
@@ -230,10 +230,10 @@ def test_open_clip_weights_and_ovseg_names(tmp_path: Path, clip: ClipModel):
     model = MaskPromptCLIP(TINY_CLIP_NAME, pretrained=str(path), depth=1)
     torch.testing.assert_close(model.clip.model.visual.proj, clip.model.visual.proj)
     assert model.mask_embedding.abs().sum() == 0  # OVSeg's init: zeros
-    assert _quickgelu_name("ViT-L-14") == "ViT-L-14-quickgelu"
-    assert _quickgelu_name("ViT-B-16-quickgelu") == "ViT-B-16-quickgelu"
+    assert quickgelu_name("ViT-L-14") == "ViT-L-14-quickgelu"
+    assert quickgelu_name("ViT-B-16-quickgelu") == "ViT-B-16-quickgelu"
     with pytest.raises(ValueError, match="QuickGELU"):
-        _quickgelu_name(TINY_CLIP_NAME)
+        quickgelu_name(TINY_CLIP_NAME)
 
 
 # ---------------------------------------------------------------- token-wise scorer

@@ -17,7 +17,8 @@ DEBUGS = sorted(p.stem for p in (CONFIG_DIR / "debug").glob("*.yaml"))
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(experiment: str, tmp_path: Path) -> None:
-    cfg = compose("train", [f"experiment={experiment}"], tmp_path)
+    config = "eval" if experiment.startswith("eval_") else "train"  # eval.py's experiments
+    cfg = compose(config, [f"experiment={experiment}"], tmp_path)
     OmegaConf.resolve(cfg)  # every interpolation resolves
     assert cfg.model._target_ and cfg.data._target_ and cfg.trainer._target_
     first_line = (CONFIG_DIR / "experiment" / f"{experiment}.yaml").read_text().splitlines()[0]

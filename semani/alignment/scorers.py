@@ -93,6 +93,8 @@ class MaskPromptScorer(nn.Module):
             uses argmax for SeMani-Diff, so None by default).
         selection: the aligner's default rule with this scorer.
         model: an already built `MaskPromptCLIP` (then the model arguments are ignored).
+        mask_prompt: a tuned prompt for `pretrained`'s CLIP (`mask_prompt.pt` of
+            `experiment=mask_prompt_*`); None with `pretrained`: the untuned (zero) prompt.
     """
 
     def __init__(
@@ -106,13 +108,19 @@ class MaskPromptScorer(nn.Module):
         threshold: float | None = None,
         selection: str = "argmax",
         model: MaskPromptCLIP | None = None,
+        mask_prompt: str | None = None,
     ) -> None:
         super().__init__()
         self.model = (
             model
             if model is not None
             else MaskPromptCLIP(
-                model_name, pretrained, depth=depth, ovseg_ckpt=ovseg_ckpt, square=square
+                model_name,
+                pretrained,
+                depth=depth,
+                ovseg_ckpt=ovseg_ckpt,
+                square=square,
+                mask_prompt=mask_prompt,
             )
         )
         self.text = _TextCache(template)

@@ -13,10 +13,16 @@ where the data set has them, ``entity_masks`` (K_b, H, W) and ``entity_names``.
 processes loads ``batch_size / world_size`` samples per step, so one experiment file gives the
 same optimisation on 1 GPU or 8 (the paper's 112 and 96 are global batches). A batch size that
 the world size does not divide is an error.
+
+``entity_crops`` (a dict of `EntityCropDataset` arguments, ShapesWorld or COCO with instances)
+turns map-style samples into masked entity crops captioned with the entity's name: in training
+with probability ``crop_prob`` (a CLIP that also sees single entities), and in evaluation too
+when ``eval: true`` (mask-prompt tuning, whose validation classifies crops).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from semani.data.base import CaptionImageDataset, OnCorrupt, collate_samples
 from semani.data.coco import COCODataset
 from semani.data.cub import CUBDataset
+from semani.data.entity_crops import EntityCropDataset
 from semani.data.oxford import OxfordFlowersDataset
 from semani.data.shapes import ShapesWorldDataset
 from semani.data.tokenizer import TextTokenizer
@@ -44,6 +51,17 @@ DATASETS: dict[str, type[CaptionImageDataset]] = {
     "shapes": ShapesWorldDataset,
 }
 DEFAULT_WDS_VAL_SAMPLES = 1024
+
+
+def _plain(obj: Any) -> Any:
+    """Mappings and sequences (OmegaConf's too) -> dicts and lists, recursively."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) or (
+        hasattr(obj, "__len__") and hasattr(obj, "__getitem__") and not isinstance(obj, str)
+    ):
+        return [_plain(v) for v in obj]
+    return obj
 
 
 class SemaniDataModule(pl.LightningDataModule):
@@ -71,6 +89,7 @@ class SemaniDataModule(pl.LightningDataModule):
         resampled: bool = False,
         epoch_size: int | None = None,
         seed: int = 0,
+        entity_crops: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if dataset not in (*DATASETS, "webdataset"):
@@ -83,6 +102,17 @@ class SemaniDataModule(pl.LightningDataModule):
             raise ValueError("dataset=webdataset needs data.shards, e.g. '{00000..01242}.tar'")
         if on_corrupt not in ("skip", "raise"):
             raise ValueError(f"on_corrupt must be 'skip' or 'raise', got {on_corrupt!r}")
+        if entity_crops is not None:
+            if dataset == "webdataset":
+                raise ValueError("entity_crops needs entity masks: use dataset=shapes or coco")
+            allowed = {*inspect.signature(EntityCropDataset).parameters} - {"base"} | {"eval"}
+            unknown = sorted(set(entity_crops) - allowed)
+            if unknown:
+                raise ValueError(
+                    f"unknown data.entity_crops keys {unknown}; allowed: {sorted(allowed)}"
+                )
+        # plain containers in the checkpoint's hyper-parameters (weights-only loadable)
+        entity_crops, instances_json = _plain(entity_crops), _plain(instances_json)
         self.save_hyperparameters(logger=False)
         self.tokenizer = TextTokenizer(context_length)
         self.data_train: Dataset | None = None
@@ -91,7 +121,16 @@ class SemaniDataModule(pl.LightningDataModule):
         self.world_size = 1  # set from the trainer in setup()
 
     # -- datasets ---------------------------------------------------------------------------------
-    def _map_dataset(self, split: str, deterministic: bool) -> CaptionImageDataset:
+    def _map_dataset(self, split: str, deterministic: bool) -> Dataset:
+        hp = self.hparams
+        ds = self._reader(split, deterministic)
+        crops = dict(hp.entity_crops or {})
+        if crops and (not deterministic or crops.pop("eval", False)):
+            crops.pop("eval", None)
+            return EntityCropDataset(ds, **crops)
+        return ds
+
+    def _reader(self, split: str, deterministic: bool) -> CaptionImageDataset:
         hp = self.hparams
         kwargs: dict[str, Any] = {}
         if hp.dataset == "coco" and hp.instances_json is not None:

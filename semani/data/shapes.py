@@ -538,12 +538,18 @@ class ShapesWorldDataset(CUBDataset):
             root, split, image_size, context_length, deterministic, on_corrupt, tokenizer
         )
         self._entities: list[tuple[list[str], list[Path]]] = []
+        self._descriptions: list[list[str]] = []
         for key in self.keys:
             meta = json.loads((self.root / "entities" / f"{key}.json").read_text())
             ents = meta["entities"]
             self._entities.append(
                 ([e["name"] for e in ents], [self.root / e["mask"] for e in ents])
             )
+            self._descriptions.append([e["description"] for e in ents])
+
+    def entity_descriptions(self, i: int) -> list[str]:
+        """Image ``i``'s entity descriptions ("small red circle"), in ``entity_names`` order."""
+        return list(self._descriptions[i])
 
     def load_entities(
         self, i: int, box: Box | None, size: tuple[int, int]

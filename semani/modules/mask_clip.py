@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import open_clip
 import torch
@@ -45,7 +46,9 @@ from semani.utils.checkpoint import (
     CheckpointMismatchError,
     load_checkpoint,
     load_state_dict_strict,
+    state_fingerprint,
 )
+from semani.utils.masks import masked_crops
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ __all__ = [
     "MaskPromptCLIP",
     "masked_crops",
     "patch_foreground",
+    "quickgelu_name",
     "read_ovseg_clip_state",
 ]
 
@@ -69,51 +73,6 @@ def patch_foreground(masks: Tensor, patch_size: int | tuple[int, int]) -> Tensor
     """
     m = F.avg_pool2d(masks.float()[:, None], patch_size, stride=patch_size)  # (K, 1, g, g)
     return torch.ceil(m).flatten(1)[..., None]  # (K, g², 1)
-
-
-def masked_crops(
-    images: Tensor, masks: Tensor, size: tuple[int, int], fill: Tensor, square: bool = False
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Entity crops: bounding box of each mask, background = `fill`, resized to `size`.
-
-    Args:
-        images: (3, H, W) one image, or (K, 3, H, W) one per mask, in [-1, 1].
-        masks: (K, H, W) bool.
-        size: (h, w) of the crops (the CLIP input size).
-        fill: (3,) the background colour in the images' range (CLIP's mean colour: 2 * mean - 1).
-        square: pad each box to a square (centred, with `fill`) before resizing.
-
-    Returns:
-        crops (K, 3, h, w), crop masks (K, h, w) float in {0, 1} (nearest), valid (K,) bool
-        (False for an empty mask: its crop is all `fill` and its mask all 0).
-    """
-    K, (H, W) = masks.shape[0], masks.shape[-2:]
-    if images.dim() == 3:
-        images = images[None].expand(K, -1, -1, -1)
-    if images.shape[0] != K or images.shape[-2:] != (H, W):
-        raise ValueError(f"images {tuple(images.shape)} do not fit masks {tuple(masks.shape)}")
-    fill = fill.to(images).view(3, 1, 1)
-    crops = fill.expand(K, 3, *size).clone()  # (K, 3, h, w)
-    crop_masks = images.new_zeros(K, *size)  # (K, h, w)
-    rows, cols = masks.any(2), masks.any(1)  # (K, H), (K, W)
-    valid = rows.any(1)  # (K,)
-    top = rows.float().argmax(1).tolist()
-    bottom = (H - rows.flip(1).float().argmax(1)).tolist()  # exclusive
-    left = cols.float().argmax(1).tolist()
-    right = (W - cols.flip(1).float().argmax(1)).tolist()
-    for k in torch.nonzero(valid).flatten().tolist():
-        m = masks[k, top[k] : bottom[k], left[k] : right[k]].to(images.dtype)  # (bh, bw)
-        x = images[k, :, top[k] : bottom[k], left[k] : right[k]]  # (3, bh, bw)
-        x = x * m + fill * (1 - m)
-        if square:
-            bh, bw = m.shape
-            dh, dw = max(bw - bh, 0), max(bh - bw, 0)
-            pad = (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2)
-            x = F.pad(x - fill, pad) + fill  # pad with the fill colour
-            m = F.pad(m, pad)
-        crops[k] = F.interpolate(x[None], size=size, mode="bicubic", align_corners=False)[0]
-        crop_masks[k] = F.interpolate(m[None, None], size=size, mode="nearest")[0, 0]
-    return crops, crop_masks, valid
 
 
 def read_ovseg_clip_state(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -144,7 +103,7 @@ def read_ovseg_clip_state(path: str | os.PathLike) -> dict[str, Tensor]:
     return sd
 
 
-def _quickgelu_name(model_name: str) -> str:
+def quickgelu_name(model_name: str) -> str:
     """OVSeg's CLIP is OpenAI's code (QuickGELU): the open_clip name with that activation."""
     if "quickgelu" in model_name or model_name.startswith("local-dir:"):
         return model_name
@@ -181,11 +140,12 @@ class MaskPromptCLIP(nn.Module):
         clip: ClipModel | None = None,
         square: bool = False,
         cache_dir: str | None = None,
+        mask_prompt: str | None = None,
     ) -> None:
         super().__init__()
         if clip is None:
             if ovseg_ckpt:
-                model_name, pretrained = _quickgelu_name(model_name), None
+                model_name, pretrained = quickgelu_name(model_name), None
             clip = ClipModel(model_name, pretrained, cache_dir=cache_dir)
         self.clip = clip
         visual = clip.model.visual
@@ -208,14 +168,63 @@ class MaskPromptCLIP(nn.Module):
         width = visual.conv1.out_channels
         g2 = self.grid[0] * self.grid[1]
         self.mask_embedding = nn.Parameter(torch.zeros(self.depth, g2, width))  # OVSeg: zeros
+        if ovseg_ckpt and mask_prompt:
+            raise ValueError("pass ovseg_ckpt (CLIP + mask prompt) or mask_prompt, not both")
         if ovseg_ckpt:
             self.load_ovseg(ovseg_ckpt)
+        if mask_prompt:
+            self.load_mask_prompt(mask_prompt)
 
     # ---------------------------------------------------------------- weights
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What mask-prompt tuning trains: `[mask_embedding]` (the CLIP stays frozen)."""
         return [self.mask_embedding]
+
+    def mask_prompt_state(self, source: str | None = None) -> dict[str, Any]:
+        """What `load_mask_prompt` reads: the prompt, its shape's meaning, and the CLIP's
+        fingerprint and source (a prompt only fits the CLIP it was tuned with)."""
+        return {
+            "mask_embedding": self.mask_embedding.detach().cpu().clone(),
+            "model_name": self.clip.model_name,
+            "depth": self.depth,
+            "clip_fingerprint": state_fingerprint(self.clip.model),
+            "clip_source": source,
+        }
+
+    def load_mask_prompt(
+        self, path: str | os.PathLike, accept_clip_mismatch: bool = False
+    ) -> None:
+        """Load a mask prompt written by mask-prompt tuning (`<run>/mask_prompt/mask_prompt.pt`).
+
+        The file records the fingerprint of the CLIP it was tuned with; another CLIP is refused
+        (the prompt is meaningless there) unless `accept_clip_mismatch`.
+        """
+        state = load_checkpoint(path)
+        if "mask_embedding" not in state:
+            raise CheckpointMismatchError(
+                f"'{path}' holds no 'mask_embedding' (keys: {sorted(map(str, state))[:8]}); pass "
+                "the mask_prompt.pt written by `train.py experiment=mask_prompt_*`, or an OVSeg "
+                "checkpoint as ovseg_ckpt="
+            )
+        emb = state["mask_embedding"]
+        if tuple(emb.shape) != tuple(self.mask_embedding.shape):
+            raise CheckpointMismatchError(
+                f"'{path}': mask_embedding is {tuple(emb.shape)} (depth, grid², width), tuned for "
+                f"{state.get('model_name')} at depth {state.get('depth')}, but this "
+                f"{self.clip.model_name} with depth={self.depth} needs "
+                f"{tuple(self.mask_embedding.shape)}"
+            )
+        fp = state.get("clip_fingerprint")
+        if fp and not accept_clip_mismatch and fp != state_fingerprint(self.clip.model):
+            raise CheckpointMismatchError(
+                f"the mask prompt '{path}' was tuned with the CLIP {state.get('clip_source')} "
+                f"(fingerprint {fp}), which differs from this {self.clip.model_name}'s weights; "
+                "pass the same CLIP weights as pretrained= (or accept_clip_mismatch=True)"
+            )
+        with torch.no_grad():
+            self.mask_embedding.copy_(emb)
+        log.info("mask prompt (depth %d) loaded from %s", self.depth, path)
 
     def load_ovseg(self, path: str | os.PathLike) -> None:
         """Load the CLIP and the mask prompt of an OVSeg checkpoint, strictly."""

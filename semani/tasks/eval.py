@@ -53,8 +53,21 @@ USAGE = (
 )
 
 
+PROTOCOLS = ("checkpoint", "alignment")
+
+
 def main(cfg: DictConfig) -> dict[str, float]:
-    """Entry point for ``eval.py``; a missing or absent ``ckpt_path`` exits with one line."""
+    """Entry point for ``eval.py``: ``protocol=checkpoint`` (the default) tests ``ckpt_path``
+    (missing or absent: one line and a non-zero exit); ``protocol=alignment`` runs the alignment
+    study (`semani.tasks.alignment_study`)."""
+    protocol = cfg.get("protocol", "checkpoint")
+    if protocol not in PROTOCOLS:
+        raise SystemExit(f"error: unknown protocol={protocol!r}; use one of {PROTOCOLS}")
+    if protocol == "alignment":
+        from semani.tasks.alignment_study import alignment_study
+
+        extras(cfg)
+        return alignment_study(cfg)
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise SystemExit(f"error: {USAGE}")
     if not Path(str(cfg.ckpt_path)).is_file():
