@@ -1,0 +1,468 @@
+"""SeMani-Diff image manipulation: re-paint an entity with a latent-diffusion inpainting model.
+
+Inference only (SPEC "SeMani-Diff", Eq. 12-15). `DiffEditor.edit(image, mask, text)`:
+
+1. the image (any size; PIL, uint8 or [-1, 1] float) and its mask (white / True / > 0.5 = edit)
+   are resized to the model grid: each side rounded down to a multiple of the VAE factor (8),
+   the mask binarised at 0.5;
+2. the masked image `x * (M < 0.5)` is encoded with the VAE (a posterior sample), the mask is
+   resized to the latent grid (nearest);
+3. an explicit DDIM loop (any diffusers scheduler works) on the 9-channel UNet input
+   [z_t, M, E((1-M)x)] with classifier-free guidance (Eq. 15; no unconditional batch when the
+   guidance scale is <= 1); the noise and the VAE sample come from one `torch.Generator`, in
+   the order of diffusers' `StableDiffusionInpaintPipeline`, which `generate` reproduces;
+4. decode, resize back to the input size, and composite in pixel space with `feather_weights`:
+   every pixel outside the mask is the input, bit for bit.
+
+`generate` returns the decoded images before step 4; `feather_weights` and `composite` are the
+pixel-space composite, shared with `semani.manipulation.blended`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy.ndimage import distance_transform_edt
+from torch import Tensor
+
+from semani.modules.diffusion_parts import (
+    decode_latents,
+    encode_image,
+    encode_text,
+    latent_mask,
+    load_sd_components,
+    vae_scale_factor,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DiffEditor",
+    "Source",
+    "composite",
+    "feather_weights",
+    "model_size",
+    "prepare_inputs",
+    "resize_bilinear",
+]
+
+StepCallback = Callable[[int, Tensor, Tensor], None]  # (step index, timestep, latents)
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs and the pixel-space composite
+
+
+@dataclass
+class Source:
+    """An input image as the editors see it."""
+
+    pixels: Tensor  # (1, 3, H, W) float32 in [-1, 1]
+    original: Tensor  # (3, H, W) the input as given: uint8, or float in [-1, 1]
+    kind: str  # "pil" | "numpy" | "uint8" | "float": how `composite` returns the result
+
+
+def _as_source(image: Any) -> Source:
+    if isinstance(image, Image.Image):
+        arr = np.asarray(image.convert("RGB")).copy()
+        original, kind = torch.from_numpy(arr).permute(2, 0, 1), "pil"  # (3, H, W) uint8
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(
+                f"numpy images must be (H, W, 3) uint8, got {image.shape}, {image.dtype}"
+            )
+        original, kind = torch.from_numpy(image.copy()).permute(2, 0, 1), "numpy"
+    elif isinstance(image, Tensor):
+        original = image[0] if image.dim() == 4 and image.shape[0] == 1 else image
+        if original.dim() != 3 or original.shape[0] != 3:
+            raise ValueError(f"image tensors must be (3, H, W) RGB, got {tuple(image.shape)}")
+        original = original.detach().cpu()
+        kind = "uint8" if original.dtype == torch.uint8 else "float"
+    else:
+        raise TypeError(f"image must be a PIL image, an array or a tensor, got {type(image)}")
+    if kind == "float":
+        pixels = original.float()
+    else:
+        pixels = original.float() / 255 * 2 - 1  # as diffusers: x / 255, then 2x - 1
+    return Source(pixels=pixels[None], original=original, kind=kind)
+
+
+def _as_mask(mask: Any, size: tuple[int, int]) -> Tensor:
+    """A mask (PIL, array, tensor; bool, 0..255 uint8 or 0..1 float) -> (1, 1, H, W) in [0, 1]."""
+    if isinstance(mask, Image.Image):
+        m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255)
+    else:
+        m = torch.as_tensor(np.asarray(mask) if not isinstance(mask, Tensor) else mask).cpu()
+        m = m.float() / 255 if m.dtype == torch.uint8 else m.float()
+    m = m.squeeze()
+    if tuple(m.shape) != tuple(size):
+        raise ValueError(f"mask is {tuple(m.shape)} but the image is {tuple(size)} (H, W)")
+    return m[None, None]  # (1, 1, H, W)
+
+
+def model_size(height: int, width: int, factor: int, side: int | None = None) -> tuple[int, int]:
+    """(H, W) -> the model grid: optionally scaled so the longer side is `side`, then each side
+    rounded down to a multiple of `factor` (at least `factor`)."""
+    if side is not None:
+        scale = side / max(height, width)
+        height, width = round(height * scale), round(width * scale)
+    return max(factor, height - height % factor), max(factor, width - width % factor)
+
+
+def resize_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, C, H, W) -> (B, C, *size), antialiased bilinear; unchanged when already that size."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def prepare_inputs(
+    image: Any, mask: Any, factor: int, side: int | None = None
+) -> tuple[Source, Tensor, Tensor, Tensor]:
+    """-> (source, pixel mask (1,1,H,W) in [0,1] at the input size, model-grid image (1,3,h,w)
+    in [-1,1], model-grid mask (1,1,h,w) binary {0,1}); h, w multiples of `factor`."""
+    src = _as_source(image)
+    H, W = src.original.shape[-2:]
+    mask = _as_mask(mask, (H, W))
+    size = model_size(H, W, factor, side)
+    pixels = resize_bilinear(src.pixels, size).clamp(-1, 1)  # (1, 3, h, w)
+    grid_mask = (resize_bilinear(mask, size) >= 0.5).float()  # (1, 1, h, w), as diffusers
+    return src, mask, pixels, grid_mask
+
+
+def feather_weights(mask: Tensor | np.ndarray, feather: float) -> Tensor:
+    """Blend weights of the edited image: 0 outside the mask, a ramp inside along its border.
+
+    `mask` (H, W) is binarised at 0.5. With d = the Euclidean distance (scipy's
+    `distance_transform_edt`) from a mask pixel to the nearest pixel outside the mask (d >= 1
+    inside; the image's own border is no seam), the weight is `min(1, d / (feather + 1))`:
+    the `feather` px band inside the mask along its border (d <= feather) ramps up from
+    1 / (feather + 1), deeper pixels get 1, and `feather = 0` is the hard mask. Returns
+    (H, W) float32.
+    """
+    m = np.asarray(mask.detach().cpu() if isinstance(mask, Tensor) else mask, dtype=np.float32)
+    inside = m >= 0.5
+    if feather <= 0 or inside.all():
+        return torch.from_numpy(inside.astype(np.float32))
+    d = distance_transform_edt(inside)  # (H, W), 0 outside
+    return torch.from_numpy(np.clip(d / (feather + 1), 0.0, 1.0).astype(np.float32))
+
+
+def composite(src: Source, edited: Tensor, weights: Tensor) -> Any:
+    """Blend `edited` (N, 3, H, W) in [0, 1] into the input with `weights` (H, W).
+
+    Where the weight is 0 the result is the input itself (bit-identical); the result has the
+    input's kind: a list of PIL images, (N, H, W, 3) uint8 numpy, (N, 3, H, W) uint8 or
+    (N, 3, H, W) float in [-1, 1].
+    """
+    w = weights.to(edited.device, torch.float32)[None, None]  # (1, 1, H, W)
+    orig = src.original.to(edited.device)[None]  # (1, 3, H, W)
+    keep = w == 0
+    if src.kind == "float":
+        blend = orig.float() * (1 - w) + (edited * 2 - 1) * w  # (N, 3, H, W)
+        return torch.where(keep, orig.float(), blend).to(orig.dtype)
+    blend = (orig.float() * (1 - w) + edited * 255 * w).round().clamp(0, 255).to(torch.uint8)
+    out = torch.where(keep, orig, blend).cpu()  # (N, 3, H, W) uint8
+    if src.kind == "uint8":
+        return out
+    out = out.permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
+    return out if src.kind == "numpy" else [Image.fromarray(o) for o in out]
+
+
+def make_generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
+    """A CPU generator for `seed` (the same noise on every device), or the given one."""
+    if generator is not None and seed is not None:
+        raise ValueError("pass seed or generator, not both")
+    return torch.Generator().manual_seed(seed) if seed is not None else generator
+
+
+def step_kwargs(scheduler, eta: float, generator: torch.Generator | None) -> dict[str, Any]:
+    """`eta` and `generator` for `scheduler.step`, where its signature takes them."""
+    params = set(inspect.signature(scheduler.step).parameters)
+    out: dict[str, Any] = {}
+    if "eta" in params:
+        out["eta"] = eta
+    if "generator" in params:
+        out["generator"] = generator
+    return out
+
+
+def text_embeddings(
+    text_encoder, tokenizer, text: str, negative_text: str, num_images: int, cfg: bool
+) -> Tensor:
+    """(N, L, D) text states, or (2N, L, D) [unconditional; conditional] with guidance."""
+    cond = encode_text(text_encoder, tokenizer, [text]).repeat(num_images, 1, 1)  # (N, L, D)
+    if not cfg:
+        return cond
+    uncond = encode_text(text_encoder, tokenizer, [negative_text]).repeat(num_images, 1, 1)
+    return torch.cat([uncond, cond])  # (2N, L, D)
+
+
+def guided_noise(unet, x: Tensor, t: Tensor, embeds: Tensor, scale: float, cfg: bool) -> Tensor:
+    """The UNet's noise prediction with classifier-free guidance (Eq. 15) when `cfg`.
+
+    `x` is the scaled model input, already doubled ([uncond; cond]) under guidance.
+    """
+    eps = unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
+    if not cfg:
+        return eps
+    eps_uncond, eps_text = eps.chunk(2)
+    return eps_uncond + scale * (eps_text - eps_uncond)
+
+
+def fresh_scheduler(scheduler):
+    """A new scheduler of the same class and config (schedulers carry per-run state)."""
+    return type(scheduler).from_config(scheduler.config)
+
+
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from itself or its name ("float16", "bfloat16"; for configs)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; e.g. 'float32', 'float16', 'bfloat16'")
+    return value
+
+
+def pretrained_parts(
+    source: str | os.PathLike,
+    inpaint: bool,
+    scheduler: str | None,
+    config: str | os.PathLike | None,
+    torch_dtype: torch.dtype | str | None,
+) -> dict[str, Any]:
+    """`load_sd_components`, with the scheduler replaced by the diffusers class `scheduler`
+    (built from the source's scheduler config) unless it is None."""
+    torch_dtype = as_dtype(torch_dtype)
+    parts = load_sd_components(source, inpaint=inpaint, config=config, torch_dtype=torch_dtype)
+    if scheduler is not None:
+        import diffusers
+
+        parts["scheduler"] = getattr(diffusers, scheduler).from_config(parts["scheduler"].config)
+    return parts
+
+
+def prepare_components(
+    modules: Sequence[torch.nn.Module],
+    device: str | torch.device | None,
+    dtype: torch.dtype | str | None,
+) -> None:
+    """Freeze (`eval`, no gradients) and move the models to `device` / `dtype`."""
+    dtype = as_dtype(dtype)
+    for m in modules:
+        m.eval().requires_grad_(False)
+        if device is not None or dtype is not None:
+            m.to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# the editor
+
+
+class DiffEditor:
+    """Entity-level manipulation with a Stable-Diffusion-inpainting-style model (SeMani-Diff).
+
+    Args:
+        unet: 9-channel `UNet2DConditionModel` (noisy latent, mask, masked-image latent).
+        vae: `AutoencoderKL`; its factor (8 for SD) sets the model grid.
+        text_encoder, tokenizer: CLIP text encoder and its tokenizer.
+        scheduler: any diffusers scheduler; a fresh copy of it runs each edit.
+        steps, guidance_scale, feather, negative_text, eta: defaults of `edit`.
+        side: resize the image so that its longer side is `side` before rounding to the grid
+            (None: keep the input size).
+        device, dtype: move the models (e.g. "cuda", torch.float16 or "float16"); None
+            leaves them.
+        vae_tiling: decode / encode large images in tiles (`vae.enable_tiling()`).
+    """
+
+    def __init__(
+        self,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        steps: int = 50,
+        guidance_scale: float = 7.5,
+        feather: float = 4,
+        negative_text: str = "",
+        eta: float = 0.0,
+        side: int | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        vae_tiling: bool = False,
+    ) -> None:
+        if unet.config.in_channels != vae.config.latent_channels * 2 + 1:
+            raise ValueError(
+                f"DiffEditor needs an inpainting UNet with {vae.config.latent_channels * 2 + 1} "
+                f"input channels (latent, mask, masked-image latent), got "
+                f"{unet.config.in_channels}; for a text-to-image UNet use BlendedLatentEditor"
+            )
+        self.unet, self.vae = unet, vae
+        self.text_encoder, self.tokenizer, self.scheduler = text_encoder, tokenizer, scheduler
+        self.steps, self.guidance_scale, self.feather = steps, guidance_scale, feather
+        self.negative_text, self.eta, self.side = negative_text, eta, side
+        prepare_components([unet, vae, text_encoder], device, dtype)
+        if vae_tiling:
+            vae.enable_tiling()
+        self.factor = vae_scale_factor(vae)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike,
+        scheduler: str | None = "DDIMScheduler",
+        config: str | os.PathLike | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        **kwargs: Any,
+    ) -> DiffEditor:
+        """An editor from a diffusers folder, a cached hub name or a single file (offline).
+
+        `scheduler`: a diffusers scheduler class name built from the source's scheduler config
+        (DDIM by default, as the paper samples), or None for the source's own scheduler.
+        `config`: for single files, see `semani.modules.diffusion_parts.load_sd_components`.
+        `torch_dtype`: load dtype (default: the constructor's `dtype`). Other keyword
+        arguments go to the constructor.
+        """
+        torch_dtype = kwargs.get("dtype") if torch_dtype is None else torch_dtype
+        return cls(**pretrained_parts(source, True, scheduler, config, torch_dtype), **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @torch.inference_mode()
+    def generate_latents(
+        self,
+        pixels: Tensor,
+        mask: Tensor,
+        text: str,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        num_images: int = 1,
+        negative_text: str | None = None,
+        callback: StepCallback | None = None,
+    ) -> Tensor:
+        """The denoising loop on the model grid.
+
+        Args:
+            pixels: (1, 3, h, w) in [-1, 1], h and w multiples of the VAE factor.
+            mask: (1, 1, h, w) binary, 1 = re-paint.
+            callback: called after every step with (index, timestep, latents).
+        Returns:
+            (num_images, C, h/f, w/f) scaled latents.
+        """
+        from diffusers.utils.torch_utils import randn_tensor
+
+        steps = steps or self.steps
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        negative_text = self.negative_text if negative_text is None else negative_text
+        cfg = scale > 1.0
+        device, dtype = self.device, self.dtype
+        embeds = text_embeddings(
+            self.text_encoder, self.tokenizer, text, negative_text, num_images, cfg
+        ).to(device, dtype)  # (N or 2N, L, D)
+        scheduler = fresh_scheduler(self.scheduler)
+        scheduler.set_timesteps(steps, device=device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        h, w = pixels.shape[-2] // self.factor, pixels.shape[-1] // self.factor
+        shape = (num_images, self.vae.config.latent_channels, h, w)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        latents = latents * scheduler.init_noise_sigma  # (N, C, h, w)
+        # E((1 - M) x): drawn from the generator after the noise, as diffusers does
+        masked = pixels.to(device) * (mask.to(device) < 0.5)  # (1, 3, H, W)
+        masked_latents = encode_image(self.vae, masked, generator).to(dtype)  # (1, C, h, w)
+        m = latent_mask(mask.to(device), (h, w)).to(dtype)  # (1, 1, h, w)
+        cond = torch.cat([m, masked_latents], 1).repeat(num_images * (1 + cfg), 1, 1, 1)
+        extra = step_kwargs(scheduler, self.eta, generator)
+        for i, t in enumerate(scheduler.timesteps):
+            x = torch.cat([latents] * 2) if cfg else latents  # (N or 2N, C, h, w)
+            x = scheduler.scale_model_input(x, t)
+            x = torch.cat([x, cond], 1)  # (N or 2N, 2C + 1, h, w)
+            eps = guided_noise(self.unet, x, t, embeds, scale, cfg)  # (N, C, h, w)
+            latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
+            if callback is not None:
+                callback(i, t, latents)
+        return latents
+
+    @torch.inference_mode()
+    def decode(self, latents: Tensor) -> Tensor:
+        """(N, C, h, w) latents -> (N, 3, h*f, w*f) float32 images in [0, 1]."""
+        return decode_latents(self.vae, latents)
+
+    def generate(
+        self, image: Any, mask: Any, text: str, seed: int | None = None, **kwargs: Any
+    ) -> Tensor:
+        """Decoded images (N, 3, h, w) in [0, 1] on the model grid, before the composite.
+
+        With the same seed (or generator), steps and guidance this is diffusers'
+        `StableDiffusionInpaintPipeline(..., output_type="np")` output (channels first).
+        Keyword arguments are those of `generate_latents`.
+        """
+        _, _, pixels, grid_mask = prepare_inputs(image, mask, self.factor, self.side)
+        kwargs["generator"] = make_generator(seed, kwargs.get("generator"))
+        return self.decode(self.generate_latents(pixels, grid_mask, text, **kwargs))
+
+    def edit(
+        self,
+        image: Any,
+        mask: Any,
+        text: str,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        num_images: int = 1,
+        feather: float | None = None,
+        negative_text: str | None = None,
+        callback: StepCallback | None = None,
+    ) -> Any:
+        """Re-paint the masked entity of `image` after `text`.
+
+        Args:
+            image: RGB PIL image, (H, W, 3) uint8 array, (3, H, W) uint8 tensor or (3, H, W)
+                float tensor in [-1, 1]; any size.
+            mask: (H, W) PIL / array / tensor, bool, 0..255 uint8 or 0..1 float; >= 0.5 (white)
+                is edited.
+            text: the target text.
+            steps, guidance_scale, negative_text: the sampler (defaults from the constructor).
+            seed / generator: the noise (a seed makes a CPU generator: the same on any device).
+            num_images: how many samples of the same edit.
+            feather: seam width in pixels inside the mask (see `feather_weights`).
+        Returns:
+            `num_images` edited images at the input size and of the input's kind (see
+            `composite`); outside the mask they equal the input exactly.
+        """
+        src, pixel_mask, pixels, grid_mask = prepare_inputs(image, mask, self.factor, self.side)
+        latents = self.generate_latents(
+            pixels,
+            grid_mask,
+            text,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            generator=make_generator(seed, generator),
+            num_images=num_images,
+            negative_text=negative_text,
+            callback=callback,
+        )
+        edited = resize_bilinear(self.decode(latents), tuple(src.original.shape[-2:])).clamp(0, 1)
+        weights = feather_weights(pixel_mask[0, 0], self.feather if feather is None else feather)
+        return composite(src, edited, weights)
+
+    __call__ = edit

@@ -1,0 +1,425 @@
+"""SeMani-Diff building blocks: Stable-Diffusion components, offline, tiny or loaded.
+
+Everything here is diffusers / transformers classes; nothing is re-implemented.
+
+- `offline_clip_tokenizer`: a `transformers.CLIPTokenizer` written from open_clip's shipped BPE
+  file (no hub download), identical to OpenAI's CLIP vocabulary (49408 entries).
+- `tiny_inpaint_components`: seeded tiny random components in the SD-1.5 layout (VAE factor 8,
+  9-channel inpainting UNet or 4-channel text-to-image UNet) for tests and benchmarks.
+- `load_inpaint_components` / `load_sd_components`: components from a diffusers folder
+  (`model_index.json`), a hub name already in the local cache, or a single-file checkpoint;
+  never touches the network.
+- `encode_text`, `encode_image`, `decode_latents`, `latent_mask`, `vae_scale_factor`: the few
+  operations that the editors (`semani.manipulation.diff_editor`, `.blended`) and the training
+  module share, with diffusers' Stable-Diffusion conventions (scaling factor, padding).
+
+The components are a plain dict with the keys of `COMPONENTS`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "COMPONENTS",
+    "SD15_SHAPES",
+    "decode_latents",
+    "encode_image",
+    "encode_text",
+    "latent_mask",
+    "load_inpaint_components",
+    "load_sd_components",
+    "offline_clip_tokenizer",
+    "tiny_inpaint_components",
+    "vae_scale_factor",
+]
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+CLIP_VOCAB_SIZE = 49408
+CLIP_CONTEXT_LENGTH = 77
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+# Stable Diffusion's noise schedule (v1 and v2)
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+# `tiny_inpaint_components(**SD15_SHAPES)`: random weights in SD-1.5's shapes (UNet ~860M)
+SD15_SHAPES = dict(
+    sample_size=64,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    vae_channels=(128, 256, 512, 512),
+    vae_layers_per_block=2,
+    text_layers=12,
+    text_heads=12,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """OpenAI CLIP's reversible byte -> printable unicode character table (256 entries)."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _clip_vocab_and_merges(bpe_path: str | os.PathLike) -> tuple[dict[str, int], list[str]]:
+    """OpenAI CLIP's vocabulary (49408 entries) and its 48894 merges from the BPE .gz file."""
+    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]  # the first line is a version header
+    chars = list(_bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
+    vocab += [SOT, EOT]
+    if len(vocab) != CLIP_VOCAB_SIZE:
+        raise ValueError(f"{bpe_path}: {len(vocab)} vocabulary entries, not {CLIP_VOCAB_SIZE}")
+    return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+def _default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "semani" / "clip_tokenizer"
+
+
+def offline_clip_tokenizer(
+    folder: str | os.PathLike | None = None,
+    bpe_path: str | os.PathLike | None = None,
+    model_max_length: int = CLIP_CONTEXT_LENGTH,
+):
+    """A `transformers.CLIPTokenizer` built offline from open_clip's shipped BPE vocabulary.
+
+    Writes `vocab.json`, `merges.txt` and `tokenizer_config.json` (as OpenAI's CLIP / SD-1.x
+    tokenizer folders have them: pad = `<|endoftext|>`, 77 tokens) into `folder` (default
+    `$XDG_CACHE_HOME/semani/clip_tokenizer`) unless they are there, then loads the folder.
+    Gives the same ids as `open_clip.get_tokenizer("ViT-B-32")` on plain text.
+    """
+    folder = Path(folder) if folder is not None else _default_cache_dir()
+    files = ("vocab.json", "merges.txt", "tokenizer_config.json")
+    if not all((folder / f).is_file() for f in files):
+        if bpe_path is None:
+            from open_clip.tokenizer import default_bpe
+
+            bpe_path = default_bpe()
+        vocab, merges = _clip_vocab_and_merges(bpe_path)
+        config = {
+            "tokenizer_class": "CLIPTokenizer",
+            "model_max_length": model_max_length,
+            "bos_token": SOT,
+            "eos_token": EOT,
+            "pad_token": EOT,
+            "unk_token": EOT,
+            "do_lower_case": True,
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        # write into a temporary folder next to it and move the files: concurrent processes
+        # (DDP ranks) never read a half-written file
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            (Path(tmp) / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+            (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+            (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+            for f in files:
+                os.replace(Path(tmp) / f, folder / f)
+        log.info("wrote the CLIP tokenizer (from %s) to %s", bpe_path, folder)
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(
+        str(folder), model_max_length=model_max_length, local_files_only=True
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny random components
+
+
+def tiny_inpaint_components(
+    seed: int = 0,
+    in_channels: int = 9,
+    sample_size: int = 8,
+    block_out_channels: tuple[int, ...] = (32, 64),
+    layers_per_block: int = 1,
+    cross_attention_dim: int = 32,
+    attention_head_dim: int = 8,
+    vae_channels: tuple[int, ...] = (16, 16, 32, 32),
+    vae_layers_per_block: int = 1,
+    text_layers: int = 2,
+    text_heads: int = 4,
+    tokenizer_folder: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Seeded tiny random SD components: the SD-1.5 layout at toy widths.
+
+    Args:
+        seed: every module is initialised under `torch.manual_seed(seed)` (the global RNG is
+            restored afterwards).
+        in_channels: 9 (inpainting: noisy latent + mask + masked-image latent) or 4
+            (text-to-image, for the blended-latent baseline).
+        sample_size: the UNet's nominal latent side (images of any multiple of 8 work).
+        block_out_channels, layers_per_block, cross_attention_dim, attention_head_dim: the
+            UNet; cross-attention blocks on every level but the deepest, as SD.
+        vae_channels, vae_layers_per_block: the VAE; 4 levels give SD's latent factor 8
+            (2 ** (levels - 1)).
+        text_layers, text_heads: the CLIP text transformer (vocabulary 49408, 77 positions,
+            width `cross_attention_dim`, MLP 4x).
+        `tiny_inpaint_components(**SD15_SHAPES)` has SD-1.5(-inpainting)'s shapes.
+        tokenizer_folder: where the offline CLIP tokenizer is cached (see
+            `offline_clip_tokenizer`).
+    Returns:
+        {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} (scheduler: DDIM with SD's
+        scaled-linear betas 0.00085..0.012 over 1000 steps).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if in_channels not in (4, 9):
+        raise ValueError(f"in_channels must be 9 (inpainting) or 4 (text-to-image): {in_channels}")
+    n = len(block_out_channels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=4,
+            block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block,
+            down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=attention_head_dim,
+            norm_num_groups=min(32, block_out_channels[0]),
+        )
+        torch.manual_seed(seed)
+        m = len(vae_channels)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * m,
+            up_block_types=("UpDecoderBlock2D",) * m,
+            block_out_channels=tuple(vae_channels),
+            layers_per_block=vae_layers_per_block,
+            latent_channels=4,
+            norm_num_groups=min(32, vae_channels[0]),
+            sample_size=sample_size * 2 ** (m - 1),
+        )
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=CLIP_VOCAB_SIZE,
+                hidden_size=cross_attention_dim,
+                intermediate_size=4 * cross_attention_dim,
+                num_hidden_layers=text_layers,
+                num_attention_heads=text_heads,
+                max_position_embeddings=CLIP_CONTEXT_LENGTH,
+                bos_token_id=CLIP_VOCAB_SIZE - 2,
+                eos_token_id=CLIP_VOCAB_SIZE - 1,
+                pad_token_id=CLIP_VOCAB_SIZE - 1,
+            )
+        )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": offline_clip_tokenizer(tokenizer_folder),
+        "scheduler": DDIMScheduler(**SD_SCHEDULER),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+_HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")
+_SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
+_NO_NETWORK = (
+    "No network is available here: download it elsewhere (`huggingface-cli download <name> "
+    "--local-dir <folder>`, or `pipe.save_pretrained(<folder>)` in diffusers) and pass that folder"
+)
+
+
+def _load_folder(folder: Path, torch_dtype: torch.dtype | None) -> dict[str, Any]:
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no model_index.json: pass the folder of a diffusers pipeline save "
+            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), e.g. what "
+            "StableDiffusionInpaintPipeline.save_pretrained writes"
+        )
+    index = json.loads(index_file.read_text())
+    missing = [name for name in COMPONENTS if not (index.get(name) or [None])[0]]
+    if missing:
+        raise ValueError(f"{index_file} names no {missing}; an SD folder has all of {COMPONENTS}")
+    out: dict[str, Any] = {}
+    for name in COMPONENTS:
+        library, class_name = index[name]
+        cls = getattr(importlib.import_module(library), class_name)
+        kwargs: dict[str, Any] = {"subfolder": name, "local_files_only": True}
+        if torch_dtype is not None and isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+            kwargs["torch_dtype"] = torch_dtype
+        out[name] = cls.from_pretrained(str(folder), **kwargs)
+    names = ", ".join(f"{k}={type(v).__name__}" for k, v in out.items())
+    log.info("loaded %s from %s", names, folder)
+    return out
+
+
+def _load_single_file(
+    path: Path, config: str | os.PathLike | None, inpaint: bool, torch_dtype: torch.dtype | None
+) -> dict[str, Any]:
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+
+    cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
+    kwargs: dict[str, Any] = {"local_files_only": True, "safety_checker": None}
+    if config is not None:
+        kwargs["config"] = str(config)
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    try:
+        pipe = cls.from_single_file(str(path), **kwargs)
+    except Exception as err:  # diffusers raises several types when the configs are not local
+        raise OSError(
+            f"could not read the single-file checkpoint {path} offline ({type(err).__name__}: "
+            f"{err}). A single file holds weights only: pass config=<a diffusers folder with the "
+            "same architecture's model_index.json and component configs>. " + _NO_NETWORK
+        ) from err
+    log.info("loaded %s from the single file %s", cls.__name__, path)
+    return {name: getattr(pipe, name) for name in COMPONENTS}
+
+
+def load_sd_components(
+    source: str | os.PathLike,
+    *,
+    inpaint: bool = True,
+    config: str | os.PathLike | None = None,
+    torch_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Stable-Diffusion components from a folder, a cached hub name or a single file, offline.
+
+    Args:
+        source: a diffusers folder (`model_index.json` layout, what
+            `StableDiffusion[Inpaint]Pipeline.save_pretrained` writes); a hub name such as
+            "stable-diffusion-v1-5/stable-diffusion-inpainting" (only if it is in the local
+            Hugging Face cache); or a single-file checkpoint (`.ckpt`, `.safetensors`) read with
+            diffusers' `from_single_file`.
+        inpaint: for single files, read an inpainting (9-channel) or a text-to-image model.
+        config: for single files, the diffusers folder (or cached hub name) whose configs
+            describe the architecture.
+        torch_dtype: load the models in this dtype.
+    Returns:
+        {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} (the source's own classes,
+        not frozen, on the CPU).
+    Raises:
+        FileNotFoundError naming the path (or hub name) and what to pass instead.
+    """
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _load_folder(path, torch_dtype)
+    if path.is_file():
+        if path.suffix not in _SINGLE_FILE_SUFFIXES:
+            raise ValueError(
+                f"{path} is a file but not a checkpoint ({', '.join(_SINGLE_FILE_SUFFIXES)}); "
+                "pass a diffusers folder or a single-file checkpoint"
+            )
+        return _load_single_file(path, config, inpaint, torch_dtype)
+    if path.suffix in _SINGLE_FILE_SUFFIXES:
+        raise FileNotFoundError(f"no checkpoint file {path} (absolute: {path.resolve()})")
+    if _HUB_NAME.fullmatch(text) and not text.startswith("."):
+        from huggingface_hub import snapshot_download
+
+        try:
+            cached = snapshot_download(text, local_files_only=True)
+        except Exception as err:  # LocalEntryNotFoundError and friends
+            raise FileNotFoundError(
+                f"{text!r} is neither a folder ({path.resolve()} does not exist) nor a model in "
+                f"the local Hugging Face cache ({type(err).__name__}). " + _NO_NETWORK
+            ) from err
+        return _load_folder(Path(cached), torch_dtype)
+    raise FileNotFoundError(
+        f"no such folder {path} (absolute: {path.resolve()}); pass the folder of a diffusers "
+        "pipeline save (model_index.json, unet/, vae/, ...) or a single-file checkpoint"
+    )
+
+
+def load_inpaint_components(
+    source: str | os.PathLike,
+    *,
+    config: str | os.PathLike | None = None,
+    torch_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """`load_sd_components` for an inpainting model (SD-inpainting's 9-channel UNet)."""
+    return load_sd_components(source, inpaint=True, config=config, torch_dtype=torch_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared operations (diffusers' Stable-Diffusion conventions)
+
+
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent cell: 2 ** (VAE levels - 1), 8 for Stable Diffusion."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def encode_text(text_encoder, tokenizer, texts: list[str]) -> Tensor:
+    """Texts -> CLIP text-encoder hidden states (B, L, D), padded to the tokenizer's length.
+
+    As diffusers' SD pipelines: `padding="max_length"`, truncation, last hidden state, in the
+    text encoder's dtype and on its device.
+    """
+    ids = tokenizer(
+        list(texts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids  # (B, L)
+    return text_encoder(ids.to(text_encoder.device))[0]  # (B, L, D)
+
+
+def encode_image(vae, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f), a sample of the posterior.
+
+    The sample draws from `generator` (diffusers' `latent_dist.sample(generator)`), then is
+    multiplied by the VAE's `scaling_factor` (0.18215 for SD).
+    """
+    dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    return dist.sample(generator) * vae.config.scaling_factor
+
+
+def decode_latents(vae, latents: Tensor) -> Tensor:
+    """Scaled latents (B, C, h, w) -> images (B, 3, h*f, w*f) in [0, 1], float32."""
+    image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+def latent_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """Pixel mask (B, 1, H, W) -> latent grid (B, 1, h, w), nearest neighbour (as diffusers)."""
+    return F.interpolate(mask, size=tuple(size))  # (B, 1, h, w)

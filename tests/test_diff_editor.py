@@ -1,0 +1,264 @@
+"""SeMani-Diff editors on tiny random components: DiffEditor against diffusers' inpainting
+pipeline, the pixel-space composite, and the Blended Latent Diffusion baseline."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from semani.manipulation.blended import BlendedLatentEditor
+from semani.manipulation.diff_editor import DiffEditor, feather_weights
+from semani.modules.diffusion_parts import offline_clip_tokenizer, tiny_inpaint_components
+
+TEXT = "a red circle"
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("clip_tokenizer")
+    offline_clip_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def inpaint_folder(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path) -> Path:
+    """Tiny random SD-inpainting components saved as diffusers does."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    folder = tmp_path_factory.mktemp("tiny_inpaint")
+    parts = tiny_inpaint_components(seed=0, tokenizer_folder=tok_dir)
+    StableDiffusionInpaintPipeline(
+        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipe(inpaint_folder: Path):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(
+        inpaint_folder, safety_checker=None, local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def editor(inpaint_folder: Path) -> DiffEditor:
+    return DiffEditor.from_pretrained(inpaint_folder, steps=3, feather=3)
+
+
+def image_and_mask(h: int, w: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A random (h, w, 3) uint8 image and a bool rectangle mask inside it."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), dtype=bool)
+    mask[h // 5 : 4 * h // 5, w // 4 : 3 * w // 4] = True
+    return image, mask
+
+
+@pytest.mark.parametrize(
+    "guidance, num_images, scheduler",
+    [(1.0, 1, "DDIMScheduler"), (7.5, 2, "DDIMScheduler"), (5.0, 1, "EulerDiscreteScheduler")],
+)
+def test_generate_matches_diffusers_pipeline(
+    pipe, inpaint_folder: Path, guidance: float, num_images: int, scheduler: str
+) -> None:
+    import diffusers
+
+    editor = DiffEditor.from_pretrained(inpaint_folder, scheduler=scheduler)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    image, mask = image_and_mask(48, 80)  # non-square, on the VAE grid
+    ref = pipe(
+        TEXT,
+        image=Image.fromarray(image),
+        mask_image=Image.fromarray(mask.astype(np.uint8) * 255),
+        height=48,
+        width=80,
+        num_inference_steps=4,
+        guidance_scale=guidance,
+        num_images_per_prompt=num_images,
+        generator=torch.Generator().manual_seed(3),
+        output_type="np",
+    ).images  # (N, 48, 80, 3) in [0, 1]
+    ours = editor.generate(
+        image, mask, TEXT, seed=3, steps=4, guidance_scale=guidance, num_images=num_images
+    )
+    assert ours.shape == (num_images, 3, 48, 80)
+    np.testing.assert_allclose(ours.permute(0, 2, 3, 1).numpy(), ref, atol=1e-4, rtol=0)
+
+
+def test_uses_no_unconditional_batch_without_guidance(editor: DiffEditor) -> None:
+    image, mask = image_and_mask(16, 24)
+    batches: list[int] = []
+    hook = editor.unet.register_forward_hook(lambda m, args, out: batches.append(len(args[0])))
+    try:
+        editor.generate(image, mask, TEXT, seed=0, steps=2, guidance_scale=1.0)
+        editor.generate(image, mask, TEXT, seed=0, steps=2, guidance_scale=2.0)
+    finally:
+        hook.remove()
+    assert batches == [1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("kind", ["pil", "numpy", "uint8", "float"])
+def test_edit_keeps_pixels_outside_the_mask(editor: DiffEditor, kind: str) -> None:
+    image, mask = image_and_mask(45, 70, seed=1)  # off the grid: resized to 40x64 and back
+    given = {
+        "pil": Image.fromarray(image),
+        "numpy": image,
+        "uint8": torch.from_numpy(image).permute(2, 0, 1),
+        "float": torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1,
+    }[kind]
+    out = editor.edit(given, torch.from_numpy(mask), TEXT, seed=0, num_images=2)
+    assert len(out) == 2
+    if kind == "pil":
+        assert out[0].size == (70, 45)
+        out = np.stack([np.asarray(o) for o in out])
+    if kind in ("uint8", "float"):
+        assert out.shape == (2, 3, 45, 70) and out.dtype == given.dtype
+        out = out.permute(0, 2, 3, 1).numpy()
+        given = given.permute(1, 2, 0).numpy()
+    else:
+        given = image
+    assert out.shape == (2, 45, 70, 3)
+    assert np.array_equal(out[:, ~mask], np.broadcast_to(given[~mask], out[:, ~mask].shape))
+    assert not np.array_equal(out[:, mask], np.broadcast_to(given[mask], out[:, mask].shape))
+
+
+def test_edit_is_seeded(editor: DiffEditor) -> None:
+    image, mask = image_and_mask(32, 24)
+    a = editor.edit(image, mask, TEXT, seed=5, guidance_scale=3.0)
+    b = editor.edit(image, mask, TEXT, seed=5, guidance_scale=3.0)
+    c = editor.edit(image, mask, TEXT, seed=6, guidance_scale=3.0)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_feather_band() -> None:
+    mask = np.zeros((30, 40), dtype=bool)
+    mask[5:25, 8:32] = True  # 20 x 24
+    feather = 3
+    w = feather_weights(mask, feather).numpy()
+    assert (w[~mask] == 0).all()
+    # along a row through the middle, from the left border inwards: d = 1, 2, 3, 4, ...
+    row = w[15, 8:20]
+    np.testing.assert_allclose(row[:feather], np.arange(1, feather + 1) / (feather + 1))
+    assert (row[feather:] == 1).all()
+    assert (w[5 + feather : 25 - feather, 8 + feather : 32 - feather] == 1).all()
+    assert ((w > 0) & (w < 1)).sum() > 0 and (w[mask] > 0).all()
+    assert np.array_equal(feather_weights(mask, 0).numpy(), mask.astype(np.float32))
+    # the image's own border is no seam
+    full = feather_weights(np.ones((6, 6), dtype=bool), 3).numpy()
+    assert (full == 1).all()
+
+
+def test_edit_feathers_only_inside_the_mask(editor: DiffEditor) -> None:
+    image, mask = image_and_mask(40, 48, seed=2)
+    hard = editor.edit(image, mask, TEXT, seed=0, feather=0)[0]
+    soft = editor.edit(image, mask, TEXT, seed=0, feather=3)[0]
+    w = feather_weights(mask, 3).numpy()
+    assert np.array_equal(hard[w == 1], soft[w == 1])  # deep inside: the generated image
+    assert np.array_equal(soft[w == 0], image[w == 0])  # outside: the input
+    band = (w > 0) & (w < 1)
+    expected = np.round(image[band] * (1 - w[band, None]) + hard[band] * w[band, None])
+    assert np.abs(soft[band].astype(float) - expected).max() <= 1
+
+
+def test_errors(tmp_path: Path, tok_dir: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        DiffEditor.from_pretrained(tmp_path / "nowhere")
+    t2i = tiny_inpaint_components(in_channels=4, tokenizer_folder=tok_dir)
+    with pytest.raises(ValueError, match="BlendedLatentEditor"):
+        DiffEditor(**t2i)
+    inpaint = tiny_inpaint_components(in_channels=9, tokenizer_folder=tok_dir)
+    with pytest.raises(ValueError, match="DiffEditor"):
+        BlendedLatentEditor(**inpaint)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blended Latent Diffusion
+
+
+@pytest.fixture(scope="module")
+def text2image_folder(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path) -> Path:
+    from diffusers import StableDiffusionPipeline
+
+    folder = tmp_path_factory.mktemp("tiny_t2i")
+    parts = tiny_inpaint_components(seed=0, in_channels=4, tokenizer_folder=tok_dir)
+    StableDiffusionPipeline(
+        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("guidance", [1.0, 7.5])
+def test_blended_keeps_the_noised_source_outside_the_mask(
+    text2image_folder: Path, guidance: float
+) -> None:
+    from diffusers import DDIMScheduler
+
+    editor = BlendedLatentEditor.from_pretrained(text2image_folder, steps=8, skip=0.25)
+    image, mask = image_and_mask(48, 64)
+    record: list[tuple] = []
+    editor.edit(
+        image,
+        mask,
+        TEXT,
+        seed=0,
+        guidance_scale=guidance,
+        callback=lambda i, t, z, s: record.append((i, int(t), z.clone(), s)),
+    )
+    reference = DDIMScheduler.from_pretrained(text2image_folder, subfolder="scheduler")
+    reference.set_timesteps(8)
+    assert [t for _, t, _, _ in record] == reference.timesteps[2:].tolist()  # skip 25% of 8
+    alphas = reference.alphas_cumprod
+    for _, t, z, s in record:
+        m = s["mask"]
+        assert m.shape == (1, 1, 6, 8) and 0 < m.sum() < m.numel()
+        noised = alphas[t].sqrt() * s["source_latents"] + (1 - alphas[t]).sqrt() * s["noise"]
+        outside = (m == 0).expand_as(z)
+        torch.testing.assert_close(z[outside], noised[outside], atol=1e-6, rtol=0)
+        assert not torch.allclose(z[~outside], noised[~outside])
+
+
+def test_blended_mask_dilation_and_composite(text2image_folder: Path) -> None:
+    editor = BlendedLatentEditor.from_pretrained(text2image_folder, steps=4, dilation=1)
+    mask = torch.zeros(1, 1, 48, 64)
+    mask[..., 16:24, 24:32] = 1  # one latent cell: (2, 3)
+    m = editor.latent_mask(mask)[0, 0]
+    assert m.sum() == 9 and m[1:4, 2:5].all()
+    image, pixel_mask = image_and_mask(45, 70)
+    plain = editor.edit(image, pixel_mask, TEXT, seed=0)
+    pasted = editor.edit(image, pixel_mask, TEXT, seed=0, composite=True, feather=2)
+    assert plain.shape == pasted.shape == (1, 45, 70, 3)
+    assert not np.array_equal(plain[0][~pixel_mask], image[~pixel_mask])  # VAE background
+    assert np.array_equal(pasted[0][~pixel_mask], image[~pixel_mask])
+
+
+def test_configs_instantiate_the_editors(inpaint_folder: Path, text2image_folder: Path) -> None:
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "manipulation"
+    diff = instantiate(OmegaConf.load(configs / "diff.yaml"), source=str(inpaint_folder))
+    assert isinstance(diff, DiffEditor)
+    assert (diff.steps, diff.guidance_scale, type(diff.scheduler).__name__) == (
+        50,
+        7.5,
+        "DDIMScheduler",
+    )
+    blended = instantiate(
+        OmegaConf.load(configs / "blended_ldm.yaml"), source=str(text2image_folder)
+    )
+    assert isinstance(blended, BlendedLatentEditor) and blended.skip == 0.25
+
+
+def test_bf16_and_vae_tiling(inpaint_folder: Path) -> None:
+    editor = DiffEditor.from_pretrained(inpaint_folder, dtype="bfloat16", vae_tiling=True)
+    assert editor.unet.dtype == editor.vae.dtype == torch.bfloat16 and editor.vae.use_tiling
+    image, mask = image_and_mask(72, 96)  # larger than the tiny VAE's 64 px tiles
+    out = editor.edit(image, mask, TEXT, seed=0, steps=2)
+    assert out.shape == (1, 72, 96, 3) and out.dtype == np.uint8
+    assert np.array_equal(out[0][~mask], image[~mask])
