@@ -1,0 +1,643 @@
+"""SeMani-Diff training: a Stable-Diffusion-inpainting-style latent diffusion model (Eq. 11-15).
+
+`SemaniDiffModule` holds diffusers parts: a 9-channel `UNet2DConditionModel` (trained), an
+`AutoencoderKL` and a CLIP text encoder + tokenizer (frozen unless `train_vae` /
+`train_text_encoder`), and a `DDPMScheduler` for the forward process, built from the source's
+scheduler config. The parts come from `source` (an SD-inpainting diffusers folder, a cached hub
+name or a single file; see `semani.modules.diffusion_parts.load_inpaint_components`) or, for
+from-scratch runs, from `tiny` (`tiny_inpaint_components` keyword arguments); never both.
+
+Training step (Eq. 14), every draw from one CPU `torch.Generator` seeded by (seed, rank, global
+step, batch index), in this order (`training_inputs`):
+  1. text dropout `rand(B) < text_dropout`, 2. mask dropout `rand(B) < mask_dropout`,
+  3. one mask per sample (`semani.data.inpaint_masks.MaskSampler`: an entity mask of the data
+     set or a random box / brush-stroke mask), 4. the VAE posterior sample of the image,
+  5. that of the masked image, 6. the noise, 7. the timesteps.
+The empty conditions of classifier-free guidance (Eq. 15): a dropped text is the empty caption
+""; a dropped mask is the all-ones mask ("re-paint everything"), so the masked image
+`x * (M < 0.5)` is all zeros (mid-gray) and its latent is the VAE encoding of that gray image:
+exactly what diffusers' `StableDiffusionInpaintPipeline` feeds for a full mask. The UNet input is
+`cat([z_t, M, E((1 - M) x)])` (diffusers' channel order), the target the noise
+(`prediction_type="epsilon"`) or `scheduler.get_velocity` ("v_prediction"), the loss the MSE.
+
+Switches: `gradient_checkpointing`; bf16 is the trainer's `precision: bf16-mixed` (weights stay
+fp32, the forward runs under autocast); `use_ema` keeps diffusers' `EMAModel` of the UNet (in
+the checkpoint; its weights are used for validation, samples and export); `use_8bit_adam`
+(bitsandbytes' AdamW8bit); `cache_latents` keeps each training image's VAE posterior mean/std in
+memory (CPU, float32: ~130 KB per 512 px image) keyed by the sample `index`, so the VAE encoder
+sees each image once (the masked image still goes through it every step: its mask is random).
+With `cache_latents` the data must not be augmented (the same index must give the same pixels;
+our readers do not augment). `train_vae` trains the VAE jointly with its own reconstruction +
+KL loss (the diffusion loss does not reach it): only for from-scratch toy runs (ShapesWorld),
+where a random frozen VAE cannot reconstruct anything; Stable Diffusion keeps its VAE frozen.
+
+Checkpoints keep every weight (UNet, VAE, text encoder, EMA): the source is re-read only for the
+architecture, tokenizer and scheduler config when a checkpoint is opened (`source=` overrides a
+moved folder). They name their class, so `semani.load_model(ckpt)` opens them.
+`save_pretrained(folder)` writes a diffusers `StableDiffusionInpaintPipeline` folder (DDIM
+scheduler, EMA weights when on) that `DiffEditor.from_pretrained` reads; training ends by writing
+one to `<run>/<export_dir>`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import Tensor
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_with_min_lr_schedule_with_warmup,
+)
+
+from semani.data.inpaint_masks import MaskSampler
+from semani.loading import MODEL_KEY, check_overrides, register_model
+from semani.modules.diffusion_parts import (
+    encode_text,
+    latent_mask,
+    load_inpaint_components,
+    tiny_inpaint_components,
+)
+from semani.utils.checkpoint import (
+    CheckpointMismatchError,
+    get_state_dict,
+    load_state_dict_strict,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PREDICTION_TYPES", "SemaniDiffModule", "step_generator", "training_target"]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+LR_SCHEDULES = ("cosine", "constant")
+_EMA_KEY = "semani_ema"  # checkpoint entry: EMAModel.state_dict()
+_TRAIN, _VAL, _SAMPLES = 0, 1, 2  # generator streams
+
+
+def step_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from non-negative integers (numpy's SeedSequence mixes them)."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+def training_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+    """The regression target of the scheduler's `prediction_type`: the noise or the velocity."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(
+        f"unsupported prediction_type {kind!r}: SemaniDiffModule trains {PREDICTION_TYPES}"
+    )
+
+
+def adamw_8bit() -> type:
+    """bitsandbytes' `AdamW8bit`, or an ImportError that says how to get it."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise ImportError(
+            "use_8bit_adam=true needs bitsandbytes, which is not installed: `pip install "
+            "bitsandbytes` (CUDA only), or set model.use_8bit_adam=false"
+        ) from err
+    return bnb.optim.AdamW8bit
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(obj, resolve=True)
+    return obj
+
+
+def build_components(
+    source: str | os.PathLike | None, tiny: Mapping[str, Any] | None, config: str | None
+) -> dict[str, Any]:
+    """{"unet", "vae", "text_encoder", "tokenizer", "scheduler"} from `source` or `tiny`."""
+    if (source is None) == (tiny is None):
+        raise ValueError(
+            "SemaniDiffModule needs exactly one of source= (an SD-inpainting diffusers folder, "
+            "cached hub name or single file) and tiny= (tiny_inpaint_components kwargs), got "
+            f"source={source!r}, tiny={tiny!r}"
+        )
+    if tiny is not None:
+        parts = tiny_inpaint_components(**tiny)
+        log.warning("SeMani-Diff parts built at RANDOM from tiny=%s (from-scratch runs)", tiny)
+    else:
+        parts = load_inpaint_components(source, config=config)
+    want = 2 * parts["vae"].config.latent_channels + 1
+    if parts["unet"].config.in_channels != want:
+        raise ValueError(
+            f"the UNet has {parts['unet'].config.in_channels} input channels; an inpainting UNet "
+            f"needs {want} (noisy latent, mask, masked-image latent)"
+        )
+    return parts
+
+
+class SemaniDiffModule(pl.LightningModule):
+    """SeMani-Diff inpainting training (see the module docstring).
+
+    Args:
+        source: SD-inpainting weights (diffusers folder, cached hub name, single file).
+        tiny: `tiny_inpaint_components` kwargs instead (random init, from scratch).
+        config: for a single-file `source`, the diffusers folder with its configs.
+        prediction_type: "epsilon" | "v_prediction"; None: the source scheduler's.
+        train_text_encoder, train_vae: train these too (frozen otherwise).
+        vae_kl_weight: with train_vae, weight of the per-element KL in the VAE loss.
+        vae_scaling_factor: set the VAE's latent scaling factor (None: its own, 0.18215 in SD).
+        masks: `MaskSampler` kwargs (entity/box/stroke weights, entity_union, coverage).
+        text_dropout, mask_dropout: per-sample probabilities of the empty conditions.
+        lr, betas, weight_decay, eps: AdamW (weight decay on >= 2-D weights only).
+        warmup_steps, lr_schedule, min_lr_ratio: linear warm-up, then "cosine" (to
+            min_lr_ratio * lr at the trainer's last step) or "constant"; per step.
+        use_8bit_adam: bitsandbytes' AdamW8bit instead of torch's AdamW.
+        gradient_checkpointing: on the UNet (and the text encoder when trained).
+        use_ema, ema_decay, ema_warmup: diffusers' EMAModel of the UNet.
+        cache_latents: cache the training images' VAE posteriors by sample `index`.
+        val_timesteps: validation/test loss at these timesteps (fixed noise, masks and seeds).
+        val_sample_steps, val_guidance_scale: `log_images` inpaints with DiffEditor (DDIM) in
+            this many steps (0: no samples).
+        export_dir: `<run>/<export_dir>` gets the diffusers folder at the end of training.
+        seed: seeds every generator of the training and validation steps.
+    """
+
+    def __init__(
+        self,
+        source: str | None = None,
+        tiny: Mapping[str, Any] | None = None,
+        config: str | None = None,
+        prediction_type: str | None = None,
+        train_text_encoder: bool = False,
+        train_vae: bool = False,
+        vae_kl_weight: float = 1e-2,
+        vae_scaling_factor: float | None = None,
+        masks: Mapping[str, Any] | None = None,
+        text_dropout: float = 0.1,
+        mask_dropout: float = 0.1,
+        lr: float = 1e-5,
+        betas: Sequence[float] = (0.9, 0.999),
+        weight_decay: float = 1e-2,
+        eps: float = 1e-8,
+        warmup_steps: int = 500,
+        lr_schedule: str = "cosine",
+        min_lr_ratio: float = 0.0,
+        use_8bit_adam: bool = False,
+        gradient_checkpointing: bool = False,
+        use_ema: bool = False,
+        ema_decay: float = 0.9999,
+        ema_warmup: bool = False,
+        cache_latents: bool = False,
+        val_timesteps: Sequence[int] = (100, 300, 500, 700, 900),
+        val_sample_steps: int = 20,
+        val_guidance_scale: float = 7.5,
+        export_dir: str | None = "diffusers",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        from diffusers import DDPMScheduler
+        from diffusers.training_utils import EMAModel
+
+        source = None if source is None else str(source)
+        tiny, masks = _plain(tiny), _plain(masks)
+        betas = [float(b) for b in betas]
+        val_timesteps = [int(t) for t in val_timesteps]
+        for name, p in (("text_dropout", text_dropout), ("mask_dropout", mask_dropout)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {p}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {lr_schedule!r}; use one of {LR_SCHEDULES}")
+        if cache_latents and train_vae:
+            raise ValueError("cache_latents=true needs a frozen VAE: set train_vae=false")
+        if use_8bit_adam:
+            adamw_8bit()  # fail now, not when fitting starts
+        self.save_hyperparameters()
+        self.mask_sampler = MaskSampler(**(masks or {}))
+
+        parts = build_components(source, tiny, config)
+        self.unet, self.vae = parts["unet"], parts["vae"]
+        self.text_encoder, self.tokenizer = parts["text_encoder"], parts["tokenizer"]
+        self.source_scheduler_config = dict(parts["scheduler"].config)
+        extra = {"prediction_type": prediction_type} if prediction_type else {}
+        self.noise_scheduler = DDPMScheduler.from_config(self.source_scheduler_config, **extra)
+        kind = self.noise_scheduler.config.prediction_type
+        if kind not in PREDICTION_TYPES:
+            raise ValueError(
+                f"unsupported prediction_type {kind!r}: SemaniDiffModule trains {PREDICTION_TYPES}"
+            )
+        steps = self.noise_scheduler.config.num_train_timesteps
+        if not all(0 <= t < steps for t in val_timesteps):
+            raise ValueError(f"val_timesteps must be in [0, {steps}), got {val_timesteps}")
+        if vae_scaling_factor is not None:
+            self.vae.register_to_config(scaling_factor=float(vae_scaling_factor))
+        if not train_vae:
+            self.vae.eval().requires_grad_(False)
+        if not train_text_encoder:
+            self.text_encoder.eval().requires_grad_(False)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if train_text_encoder:
+                self.text_encoder.gradient_checkpointing_enable()
+        self.ema = None
+        if use_ema:
+            self.ema = EMAModel(
+                self.unet.parameters(), decay=ema_decay, use_ema_warmup=ema_warmup, foreach=True
+            )
+        self._ema_active = False  # EMA weights are in the UNet (validation, export)
+        self._eval_swapped = False  # ... put there by on_validation/test_epoch_start
+        self._latent_cache: dict[int, tuple[Tensor, Tensor]] = {}
+        n = sum(p.numel() for p in self.unet.parameters())
+        trained = ["unet"] + ["text_encoder"] * train_text_encoder + ["vae"] * train_vae
+        log.info(
+            "SemaniDiffModule: UNet %.1fM parameters, %s, trains %s%s",
+            n / 1e6, kind, "+".join(trained), ", EMA" if use_ema else "",
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------- frozen parts, EMA
+
+    def train(self, mode: bool = True) -> SemaniDiffModule:
+        """Train mode for the trained parts only; frozen ones stay in eval mode."""
+        super().train(mode)
+        if not self.hparams.train_vae:
+            self.vae.eval()
+        if not self.hparams.train_text_encoder:
+            self.text_encoder.eval()
+        return self
+
+    def _ema_to_device(self) -> None:
+        param = next(self.unet.parameters())
+        if self.ema.shadow_params and self.ema.shadow_params[0].device != param.device:
+            self.ema.to(param.device)
+
+    def _ema_in(self) -> bool:
+        """Put the EMA weights into the UNet (training weights kept); True if this call did."""
+        if self.ema is None or self._ema_active:
+            return False
+        self._ema_to_device()
+        self.ema.store(self.unet.parameters())
+        self.ema.copy_to(self.unet.parameters())
+        self._ema_active = True
+        return True
+
+    def _ema_out(self) -> None:
+        """Put the training weights back."""
+        self.ema.restore(self.unet.parameters())
+        self._ema_active = False
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Within the block the UNet holds the EMA weights (a no-op without EMA or if they are
+        already in); the training weights are put back afterwards."""
+        swapped = self._ema_in()
+        try:
+            yield
+        finally:
+            if swapped:
+                self._ema_out()
+
+    # validation and test run on the EMA weights, swapped in once per epoch
+    def on_validation_epoch_start(self) -> None:
+        self._eval_swapped = self._ema_in()
+
+    def on_validation_epoch_end(self) -> None:
+        if self._eval_swapped:
+            self._ema_out()
+        self._eval_swapped = False
+
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_epoch_end = on_validation_epoch_end
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimiser step, then the EMA update (once per step, not per accumulated
+        micro-batch; before the checkpoint callbacks of the batch run)."""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self._ema_to_device()
+            self.ema.step(self.unet.parameters())
+
+    # ---------------------------------------------------------------- inputs
+
+    def _posterior(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, 3, H, W) in [-1, 1] -> the VAE posterior's mean and std (B, C, h, w), unscaled."""
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def _image_posterior(self, batch: Mapping[str, Any], use_cache: bool) -> tuple[Tensor, Tensor]:
+        images = batch["image"]  # (B, 3, H, W)
+        if not use_cache:
+            return self._posterior(images)
+        if "index" not in batch:
+            raise ValueError("cache_latents=true needs the sample 'index' in every batch")
+        keys = [int(i) for i in batch["index"]]
+        todo = [j for j, k in enumerate(keys) if k not in self._latent_cache]
+        if todo:
+            mean, std = self._posterior(images[todo])
+            for j, m, s in zip(todo, mean.cpu(), std.cpu()):
+                self._latent_cache[keys[j]] = (m, s)
+        mean = torch.stack([self._latent_cache[k][0] for k in keys]).to(images.device)
+        std = torch.stack([self._latent_cache[k][1] for k in keys]).to(images.device)
+        return mean, std  # (B, C, h, w)
+
+    def training_inputs(
+        self,
+        batch: Mapping[str, Any],
+        generator: torch.Generator,
+        use_cache: bool = False,
+        dropout: bool = True,
+    ) -> dict[str, Any]:
+        """Everything one denoising step needs, drawn from `generator` (order in the module
+        docstring). `dropout=False` keeps every condition (the draws still happen).
+
+        Returns: `latents` (B, C, h, w) scaled, `noise`, `timesteps` (B,), `mask` (B, 1, H, W),
+        `mask_latent` (B, 1, h, w), `masked_image` (B, 3, H, W), `masked_latents` (B, C, h, w)
+        scaled, `captions` (the empty one where dropped), `drop_text`, `drop_mask` (B,) bool,
+        `mask_kinds`, and `posterior` (mean, std, sample) of the image, unscaled.
+        """
+        images = batch["image"]  # (B, 3, H, W)
+        b, _, h, w = images.shape
+        device = images.device
+        hp = self.hparams
+        drop_text = torch.rand(b, generator=generator) < hp.text_dropout  # (B,)
+        drop_mask = torch.rand(b, generator=generator) < hp.mask_dropout  # (B,)
+        if not dropout:
+            drop_text, drop_mask = torch.zeros_like(drop_text), torch.zeros_like(drop_mask)
+        mask, kinds = self.mask_sampler.sample(b, (h, w), generator, batch.get("entity_masks"))
+        mask[drop_mask] = 1.0  # the empty mask condition: re-paint everything
+        mask = mask.to(device, images.dtype)  # (B, 1, H, W)
+        masked_image = images * (mask < 0.5)  # (B, 3, H, W), as diffusers' pipeline
+
+        with torch.set_grad_enabled(hp.train_vae and torch.is_grad_enabled()):
+            mean, std = self._image_posterior(batch, use_cache)  # (B, C, h, w)
+        sample = mean + std * torch.randn(mean.shape, generator=generator).to(device)
+        with torch.no_grad():
+            m_mean, m_std = self._posterior(masked_image)
+            m_sample = m_mean + m_std * torch.randn(m_mean.shape, generator=generator).to(device)
+        scale = self.vae.config.scaling_factor
+        latents = sample.detach() * scale  # the diffusion loss never reaches the VAE
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (b,), generator=generator).to(device)
+        captions = ["" if d else c for d, c in zip(drop_text.tolist(), batch["caption"])]
+        return {
+            "latents": latents,
+            "noise": noise,
+            "timesteps": timesteps,
+            "mask": mask,
+            "mask_latent": latent_mask(mask, tuple(latents.shape[-2:])),  # (B, 1, h, w)
+            "masked_image": masked_image,
+            "masked_latents": m_sample * scale,
+            "captions": captions,
+            "drop_text": drop_text,
+            "drop_mask": drop_mask,
+            "mask_kinds": kinds,
+            "posterior": (mean, std, sample),
+        }
+
+    def text_embeddings(self, captions: Sequence[str]) -> Tensor:
+        """Captions -> CLIP hidden states (B, 77, D); gradients only if the encoder trains."""
+        with torch.set_grad_enabled(self.hparams.train_text_encoder and torch.is_grad_enabled()):
+            return encode_text(self.text_encoder, self.tokenizer, list(captions))
+
+    # ---------------------------------------------------------------- losses
+
+    def denoising_loss(
+        self, inputs: Mapping[str, Any], embeds: Tensor, timesteps: Tensor
+    ) -> Tensor:
+        """Eq. 14: MSE between the UNet output on [z_t, M, E((1-M)x)] and the target."""
+        latents, noise = inputs["latents"], inputs["noise"]
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)  # (B, C, h, w)
+        target = training_target(self.noise_scheduler, latents, noise, timesteps)
+        x = torch.cat([noisy, inputs["mask_latent"], inputs["masked_latents"]], 1)  # (B, 2C+1, ..)
+        pred = self.unet(x, timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
+        return F.mse_loss(pred.float(), target.float())
+
+    def compute_loss(
+        self, batch: Mapping[str, Any], generator: torch.Generator, use_cache: bool = False
+    ) -> dict[str, Tensor]:
+        """The training losses of a batch: `loss` (what is minimised) and `diffusion`, plus
+        `vae_rec` and `vae_kl` with train_vae."""
+        inputs = self.training_inputs(batch, generator, use_cache)
+        embeds = self.text_embeddings(inputs["captions"])
+        diffusion = self.denoising_loss(inputs, embeds, inputs["timesteps"])
+        out = {"loss": diffusion, "diffusion": diffusion}
+        if self.hparams.train_vae:
+            mean, std, sample = inputs["posterior"]
+            rec = self.vae.decode(sample.to(self.vae.dtype), return_dict=False)[0]
+            out["vae_rec"] = F.mse_loss(rec.float(), batch["image"].float())
+            out["vae_kl"] = 0.5 * (mean.pow(2) + std.pow(2) - 1 - 2 * std.log()).mean()
+            out["loss"] = diffusion + out["vae_rec"] + self.hparams.vae_kl_weight * out["vae_kl"]
+        return out
+
+    def eval_losses(self, batch: Mapping[str, Any], batch_idx: int) -> dict[int, Tensor]:
+        """Held-out denoising loss at each of `val_timesteps`: the same masks, noise and seeds
+        every time (no condition dropout)."""
+        generator = step_generator(self.hparams.seed, _VAL, self.global_rank, batch_idx)
+        inputs = self.training_inputs(batch, generator, dropout=False)
+        embeds = self.text_embeddings(inputs["captions"])
+        b = inputs["latents"].shape[0]
+        return {
+            t: self.denoising_loss(inputs, embeds, torch.full((b,), t, device=self.device))
+            for t in self.hparams.val_timesteps
+        }
+
+    # ---------------------------------------------------------------- Lightning loops
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        generator = step_generator(
+            self.hparams.seed, _TRAIN, self.global_rank, self.global_step, batch_idx
+        )
+        out = self.compute_loss(batch, generator, use_cache=self.hparams.cache_latents)
+        bs = batch["image"].shape[0]
+        self.log("train/loss", out["loss"].detach(), prog_bar=True, on_step=True, on_epoch=True,
+                 batch_size=bs)  # fmt: skip
+        for key in ("vae_rec", "vae_kl"):
+            if key in out:
+                self.log(f"train/{key}", out[key].detach(), on_step=True, batch_size=bs)
+        return out["loss"]
+
+    def _eval_step(self, batch: Mapping[str, Any], batch_idx: int, stage: str) -> None:
+        losses = self.eval_losses(batch, batch_idx)
+        bs = batch["image"].shape[0]
+        mean = torch.stack(list(losses.values())).mean()
+        self.log(f"{stage}/loss", mean, prog_bar=True, sync_dist=True, batch_size=bs)
+        for t, loss in losses.items():
+            self.log(f"{stage}/loss_t{t}", loss, sync_dist=True, batch_size=bs)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW (or AdamW8bit) on the trained parameters, warm-up then cosine or constant."""
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        cls = adamw_8bit() if hp.use_8bit_adam else torch.optim.AdamW
+        opt = cls(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        if hp.lr_schedule == "constant":
+            sched = get_constant_schedule_with_warmup(opt, num_warmup_steps=hp.warmup_steps)
+        else:
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            sched = get_cosine_with_min_lr_schedule_with_warmup(
+                opt, num_warmup_steps=hp.warmup_steps, num_training_steps=total,
+                min_lr_rate=hp.min_lr_ratio,
+            )  # fmt: skip
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---------------------------------------------------------------- images
+
+    @contextlib.contextmanager
+    def _sampling_parts(self) -> Iterator[None]:
+        """EMA weights in; DiffEditor freezes the modules it is given (eval, no gradients):
+        put requires_grad and the train/eval mode back afterwards."""
+        flags, was_training = [(p, p.requires_grad) for p in self.parameters()], self.training
+        try:
+            with self.ema_weights():
+                yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            self.train(was_training)
+
+    def log_images(self, batch: Mapping[str, Any], max_images: int = 4, **_: Any) -> dict:
+        """`inputs`, `masked` (mask in mid-gray) and, with val_sample_steps > 0, `samples`:
+        each masked region re-painted after the sample's own caption by DiffEditor (DDIM,
+        EMA weights if on); all (N, 3, H, W) in [-1, 1]. Masks and seeds are fixed."""
+        from diffusers import DDIMScheduler
+
+        from semani.manipulation.diff_editor import DiffEditor
+
+        images = batch["image"][:max_images]
+        n, _, h, w = images.shape
+        ents = batch.get("entity_masks")
+        generator = step_generator(self.hparams.seed, _SAMPLES)
+        masks, _ = self.mask_sampler.sample(n, (h, w), generator, ents[:n] if ents else None)
+        masks = masks.to(images.device, images.dtype)  # (N, 1, H, W)
+        out = {"inputs": images, "masked": images * (masks < 0.5)}
+        steps = self.hparams.val_sample_steps
+        if steps <= 0:
+            return out
+        with self._sampling_parts():
+            scheduler = DDIMScheduler.from_config(self.export_scheduler_config())
+            editor = DiffEditor(
+                self.unet, self.vae, self.text_encoder, self.tokenizer, scheduler, steps=steps,
+                guidance_scale=self.hparams.val_guidance_scale, feather=0,
+            )  # fmt: skip
+            samples = [
+                editor.edit(images[i], masks[i, 0], batch["caption"][i], seed=i)[0]
+                for i in range(n)
+            ]
+        out["samples"] = torch.stack(samples).to(images.device)  # (N, 3, H, W)
+        return out
+
+    # ---------------------------------------------------------------- export
+
+    def export_scheduler_config(self) -> dict[str, Any]:
+        """The source's scheduler config with the trained prediction type (for DDIM)."""
+        kind = self.noise_scheduler.config.prediction_type
+        return {**self.source_scheduler_config, "prediction_type": kind}
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write a diffusers `StableDiffusionInpaintPipeline` folder (DDIM scheduler, EMA UNet
+        weights when on, no safety checker), atomically: into a temporary sibling, then renamed
+        over `folder`. Opens with `StableDiffusionInpaintPipeline.from_pretrained(folder)` and
+        `DiffEditor.from_pretrained(folder)`."""
+        from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
+
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        scheduler = DDIMScheduler.from_config(self.export_scheduler_config())
+        with self.ema_weights():
+            pipe = StableDiffusionInpaintPipeline(
+                vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                unet=self.unet, scheduler=scheduler, safety_checker=None,
+                feature_extractor=None, requires_safety_checker=False,
+            )  # fmt: skip
+            pipe.save_pretrained(tmp)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, folder)
+        log.info("SeMani-Diff pipeline written to %s%s", folder, " (EMA weights)" * bool(self.ema))
+        return folder
+
+    def on_train_end(self) -> None:
+        """Write the diffusers folder to `<run>/<export_dir>` (not in fast_dev_run)."""
+        trainer = self.trainer
+        if not self.hparams.export_dir or trainer.fast_dev_run or not trainer.is_global_zero:
+            return
+        self.save_pretrained(Path(trainer.default_root_dir) / self.hparams.export_dir)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Name the class; keep the EMA state; always save the training weights."""
+        checkpoint[MODEL_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        if self.ema is None:
+            return
+        if self._ema_active:  # saved from within `ema_weights`: the UNet holds the EMA copy
+            sd = checkpoint["state_dict"]
+            for (name, _), kept in zip(self.unet.named_parameters(), self.ema.temp_stored_params):
+                sd[f"unet.{name}"] = kept
+        checkpoint[_EMA_KEY] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(_EMA_KEY)
+        if self.ema is not None and state is not None:
+            self.ema.load_state_dict(state)
+        elif self.ema is not None:
+            log.warning("use_ema=true but the checkpoint has no EMA state: EMA starts afresh")
+
+    @classmethod
+    def from_checkpoint_dict(
+        cls, checkpoint: Mapping[str, Any], source: str, **overrides: Any
+    ) -> SemaniDiffModule:
+        """A checkpoint already read -> a new module; the parts are rebuilt from the saved
+        `source` / `tiny` (architecture, tokenizer, scheduler) and every weight is then loaded
+        from the checkpoint. `use_8bit_adam` is turned off unless overridden (loading needs no
+        optimiser)."""
+        hp = checkpoint.get("hyper_parameters")
+        if not isinstance(hp, Mapping) or not ({"source", "tiny"} <= set(hp)):
+            raise CheckpointMismatchError(
+                f"checkpoint '{source}' is not a SemaniDiffModule checkpoint (its "
+                "hyper_parameters have no 'source' / 'tiny')"
+            )
+        check_overrides(cls, overrides)
+        kwargs = {**dict(hp), "use_8bit_adam": False, **overrides}
+        if overrides.get("source") is not None:
+            kwargs["tiny"] = None
+        elif overrides.get("tiny") is not None:
+            kwargs["source"] = None
+        model = cls(**kwargs)
+        load_state_dict_strict(
+            model, get_state_dict(checkpoint, source), source, expected="a SemaniDiffModule"
+        )
+        model.on_load_checkpoint(dict(checkpoint))
+        log.info("loaded SemaniDiffModule from %s", source)
+        return model
+
+
+def _load(ckpt: dict[str, Any], source: str, **overrides: Any) -> SemaniDiffModule:
+    return SemaniDiffModule.from_checkpoint_dict(ckpt, source, **overrides)
+
+
+register_model(f"{__name__}.SemaniDiffModule", _load)

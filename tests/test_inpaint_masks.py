@@ -1,0 +1,93 @@
+"""Random inpainting masks (boxes, brush strokes) and the per-sample mask sampler."""
+
+import pytest
+import torch
+
+from semani.data.inpaint_masks import MaskSampler, random_box_mask, random_stroke_mask
+
+SIZES = [(64, 64), (48, 80), (32, 20)]
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("fn", [random_box_mask, random_stroke_mask])
+@pytest.mark.parametrize("size", SIZES)
+def test_random_masks_binary_and_within_coverage(fn, size: tuple[int, int]) -> None:
+    for seed in range(15):
+        mask = fn(*size, gen(seed), min_cover=0.15, max_cover=0.4)
+        assert mask.shape == size and mask.dtype == torch.float32
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+        assert 0.15 <= mask.mean().item() <= 0.4, (seed, mask.mean().item())
+
+
+@pytest.mark.parametrize("fn", [random_box_mask, random_stroke_mask])
+def test_random_masks_are_seeded(fn) -> None:
+    a, b, c = fn(64, 64, gen(3)), fn(64, 64, gen(3)), fn(64, 64, gen(4))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_box_mask_is_one_rectangle() -> None:
+    mask = random_box_mask(48, 80, gen(0), min_cover=0.1, max_cover=0.5, max_aspect=3.0)
+    rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
+    h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert mask.sum() == h * w  # filled rectangle
+    assert max(h / w, w / h) <= 3.0
+
+
+def test_bad_coverage_bounds_are_refused() -> None:
+    with pytest.raises(ValueError, match="min_cover"):
+        random_box_mask(8, 8, gen(0), min_cover=0.6, max_cover=0.5)
+
+
+def entities() -> torch.Tensor:
+    """Three disjoint entities of a 16 x 16 image (K, H, W), the middle one empty."""
+    masks = torch.zeros(3, 16, 16)
+    masks[0, :4, :4] = 1
+    masks[2, 8:, 8:] = 1
+    return masks
+
+
+def test_sampler_entity_masks_come_from_the_sample() -> None:
+    sampler = MaskSampler(entity=1.0, box=0.0, stroke=0.0)
+    ents = entities()
+    masks, kinds = sampler.sample(6, (16, 16), gen(0), [ents] * 6)
+    assert kinds == ["entity"] * 6 and masks.shape == (6, 1, 16, 16)
+    for m in masks[:, 0]:  # one of the non-empty entities, never the empty one
+        assert torch.equal(m, ents[0]) or torch.equal(m, ents[2])
+
+
+def test_sampler_union_of_entities() -> None:
+    sampler = MaskSampler(entity=1.0, box=0.0, stroke=0.0, entity_union=1.0)
+    ents = entities()
+    masks, _ = sampler.sample(2, (16, 16), gen(0), [ents, ents])
+    assert torch.equal(masks[0, 0], ents.amax(0))  # both usable entities
+
+
+def test_sampler_without_entities_uses_random_masks() -> None:
+    sampler = MaskSampler(entity=0.5, box=0.25, stroke=0.25, min_cover=0.1, max_cover=0.5)
+    masks, kinds = sampler.sample(8, (32, 32), gen(1), [torch.zeros(0, 32, 32), None] * 4)
+    assert set(kinds) <= {"box", "stroke"}
+    cover = masks.flatten(1).mean(1)
+    assert ((cover >= 0.1) & (cover <= 0.5)).all()
+    again, _ = sampler.sample(8, (32, 32), gen(1), [torch.zeros(0, 32, 32), None] * 4)
+    assert torch.equal(masks, again)
+
+
+def test_sampler_skips_small_entities_and_resizes() -> None:
+    sampler = MaskSampler(entity=1.0, box=1.0, stroke=0.0, entity_min_cover=0.2)
+    ents = entities()  # entity 0 covers 1/16, entity 2 1/4 of the image
+    masks, kinds = sampler.sample(8, (32, 32), gen(0), [ents] * 8)
+    big = torch.nn.functional.interpolate(ents[None, 2:3], size=(32, 32))[0, 0]
+    for m, kind in zip(masks[:, 0], kinds):
+        assert kind == "box" or torch.equal(m, big)
+    assert "entity" in kinds
+
+
+def test_sampler_needs_some_weight() -> None:
+    with pytest.raises(ValueError, match="not all 0"):
+        MaskSampler(entity=0.0, box=0.0, stroke=0.0)
+    with pytest.raises(ValueError, match="random masks some weight"):
+        MaskSampler(entity=1.0, box=0.0, stroke=0.0).sample(1, (8, 8), gen(0), None)
