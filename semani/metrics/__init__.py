@@ -1,1 +1,28 @@
-"""metrics."""
+"""The paper's metrics (Table I) as torchmetrics `Metric`s, synchronised under DDP.
+
+`InceptionScore` (any classifier: `TFInceptionV3` for COCO, `StackGANInceptionV3` for CUB and
+Oxford, `ShapesClassifier` for ShapesWorld), `ClipScore`, `ClipRecall` (image->text R@N),
+`L2Error`, and `Table1Metrics`, which holds the four with one CLIP (`configs/metrics/`).
+"""
+
+from semani.metrics.classifiers import StackGANInceptionV3, TFInceptionV3, require_weights
+from semani.metrics.clip_metrics import ClipRecall, ClipScore, load_clip
+from semani.metrics.inception_score import InceptionScore, inception_score
+from semani.metrics.l2 import L2Error
+from semani.metrics.shapes_classifier import ShapesClassifier, load_shapes_classifier
+from semani.metrics.table1 import Table1Metrics
+
+__all__ = [
+    "ClipRecall",
+    "ClipScore",
+    "InceptionScore",
+    "L2Error",
+    "ShapesClassifier",
+    "StackGANInceptionV3",
+    "TFInceptionV3",
+    "Table1Metrics",
+    "inception_score",
+    "load_clip",
+    "load_shapes_classifier",
+    "require_weights",
+]
