@@ -262,3 +262,26 @@ def test_bf16_and_vae_tiling(inpaint_folder: Path) -> None:
     out = editor.edit(image, mask, TEXT, seed=0, steps=2)
     assert out.shape == (1, 72, 96, 3) and out.dtype == np.uint8
     assert np.array_equal(out[0][~mask], image[~mask])
+
+
+def test_check_diff_shapes_reports_colours_and_keeps_outside_pixels(
+    inpaint_folder: Path, shapes_root: Path
+) -> None:
+    """scripts/check_diff_shapes.py on a random model: well-formed numbers, outside untouched."""
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    try:
+        from check_diff_shapes import main, nearest_colour
+    finally:
+        sys.path.pop(0)
+    from semani.data.shapes import COLORS
+
+    rgb = np.array([COLORS["red"], COLORS["blue"], (250, 30, 40)], dtype=np.uint8)
+    assert [list(COLORS)[i] for i in nearest_colour(rgb)] == ["red", "blue", "red"]
+    result = main(["--model", str(inpaint_folder), "--data", str(shapes_root), "--n", "3",
+                   "--steps", "2"])  # fmt: skip
+    assert result["n"] == 3 and result["outside_changed"] == 0
+    assert 0.0 <= result["colour_success"] <= 1.0 and result["chance"] == 1 / len(COLORS)
