@@ -25,6 +25,32 @@ def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An offline CLIP tokenizer folder (vocab.json, merges.txt from open_clip's BPE)."""
+    from semani.modules.diffusion_parts import offline_clip_tokenizer
+
+    folder = tmp_path_factory.mktemp("clip_tokenizer")
+    offline_clip_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def inpaint_folder(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path) -> Path:
+    """Tiny random SD-inpainting components saved as diffusers does (a model_index.json
+    folder), for the SeMani-Diff editor, manipulate.py and the benchmark tests."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from semani.modules.diffusion_parts import tiny_inpaint_components
+
+    folder = tmp_path_factory.mktemp("tiny_inpaint")
+    parts = tiny_inpaint_components(seed=0, tokenizer_folder=tok_dir)
+    StableDiffusionInpaintPipeline(
+        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    ).save_pretrained(folder)
+    return folder
+
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 REPO_ROOT = CONFIG_DIR.parent
 

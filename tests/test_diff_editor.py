@@ -10,29 +10,9 @@ from PIL import Image
 
 from semani.manipulation.blended import BlendedLatentEditor
 from semani.manipulation.diff_editor import DiffEditor, feather_weights
-from semani.modules.diffusion_parts import offline_clip_tokenizer, tiny_inpaint_components
+from semani.modules.diffusion_parts import tiny_inpaint_components
 
 TEXT = "a red circle"
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("clip_tokenizer")
-    offline_clip_tokenizer(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def inpaint_folder(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path) -> Path:
-    """Tiny random SD-inpainting components saved as diffusers does."""
-    from diffusers import StableDiffusionInpaintPipeline
-
-    folder = tmp_path_factory.mktemp("tiny_inpaint")
-    parts = tiny_inpaint_components(seed=0, tokenizer_folder=tok_dir)
-    StableDiffusionInpaintPipeline(
-        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    ).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,6 @@ from semani.modules.diffusion_parts import (
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("clip_tokenizer")
-    offline_clip_tokenizer(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def parts(tok_dir: Path) -> dict:
     return tiny_inpaint_components(seed=0, tokenizer_folder=tok_dir)
 

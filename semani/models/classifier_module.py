@@ -22,7 +22,6 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from semani.loading import MODEL_KEY, check_overrides, register_model
 from semani.metrics.shapes_classifier import ShapesClassifier, class_from_key
@@ -31,6 +30,7 @@ from semani.utils.checkpoint import (
     get_state_dict,
     load_state_dict_strict,
 )
+from semani.utils.lr_schedule import cosine_warmup_config
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +145,7 @@ class ClassifierModule(pl.LightningModule):
              {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr,
         )  # fmt: skip
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = get_cosine_with_min_lr_schedule_with_warmup(
-            opt, num_warmup_steps=min(hp.warmup_steps, total), num_training_steps=total,
-            min_lr_rate=hp.min_lr_ratio,
-        )  # fmt: skip
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return cosine_warmup_config(opt, self.trainer, hp.warmup_steps, hp.min_lr_ratio)
 
     # ---------------------------------------------------------------- checkpoints and export
 

@@ -35,7 +35,6 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.loss import ClipLoss
 from torch import Tensor
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from semani.loading import MODEL_KEY, check_overrides, register_model
 from semani.modules.clip import clip_preprocess, resolve_pretrained
@@ -51,6 +50,7 @@ from semani.utils.checkpoint import (
     load_checkpoint,
     load_state_dict_strict,
 )
+from semani.utils.lr_schedule import cosine_warmup_config
 
 log = logging.getLogger(__name__)
 
@@ -208,12 +208,7 @@ class ClipTrainModule(pl.LightningModule):
              {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
         )  # fmt: skip
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = get_cosine_with_min_lr_schedule_with_warmup(
-            opt, num_warmup_steps=hp.warmup_steps, num_training_steps=total,
-            min_lr_rate=hp.min_lr_ratio,
-        )  # fmt: skip
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return cosine_warmup_config(opt, self.trainer, hp.warmup_steps, hp.min_lr_ratio)
 
     # ---------------------------------------------------------------- evaluation
 

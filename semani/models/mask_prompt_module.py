@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch import Tensor
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from semani.loading import MODEL_KEY, check_overrides, register_model
 from semani.modules.mask_clip import MaskPromptCLIP, quickgelu_name
 from semani.utils.checkpoint import CheckpointMismatchError, get_state_dict, load_state_dict_strict
+from semani.utils.lr_schedule import cosine_warmup_config
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +175,7 @@ class MaskPromptTuningModule(pl.LightningModule):
             self.model.trainable_parameters(), lr=hp.lr, betas=tuple(hp.betas),
             weight_decay=hp.weight_decay,
         )  # fmt: skip
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = get_cosine_with_min_lr_schedule_with_warmup(
-            opt, num_warmup_steps=hp.warmup_steps, num_training_steps=total,
-            min_lr_rate=hp.min_lr_ratio,
-        )  # fmt: skip
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return cosine_warmup_config(opt, self.trainer, hp.warmup_steps, hp.min_lr_ratio)
 
     # ---------------------------------------------------------------- checkpoints and export
 

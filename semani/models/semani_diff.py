@@ -55,10 +55,6 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
-from transformers import (
-    get_constant_schedule_with_warmup,
-    get_cosine_with_min_lr_schedule_with_warmup,
-)
 
 from semani.data.inpaint_masks import MaskSampler
 from semani.loading import MODEL_KEY, check_overrides, register_model
@@ -73,6 +69,7 @@ from semani.utils.checkpoint import (
     get_state_dict,
     load_state_dict_strict,
 )
+from semani.utils.lr_schedule import cosine_warmup_config
 
 log = logging.getLogger(__name__)
 
@@ -488,15 +485,9 @@ class SemaniDiffModule(pl.LightningModule):
         ]
         cls = adamw_8bit() if hp.use_8bit_adam else torch.optim.AdamW
         opt = cls(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
-        if hp.lr_schedule == "constant":
-            sched = get_constant_schedule_with_warmup(opt, num_warmup_steps=hp.warmup_steps)
-        else:
-            total = max(1, int(self.trainer.estimated_stepping_batches))
-            sched = get_cosine_with_min_lr_schedule_with_warmup(
-                opt, num_warmup_steps=hp.warmup_steps, num_training_steps=total,
-                min_lr_rate=hp.min_lr_ratio,
-            )  # fmt: skip
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return cosine_warmup_config(
+            opt, self.trainer, hp.warmup_steps, hp.min_lr_ratio, schedule=hp.lr_schedule
+        )
 
     # ---------------------------------------------------------------- images
 

@@ -15,6 +15,10 @@ Here that is two schedulers on the same optimiser, both driven by Lightning:
 `warmup_plateau_schedulers(optimizer, ...)` returns both as Lightning scheduler configs; use it as
 a Hydra `_partial_` in the model config. Both states are plain values, so checkpoints load with
 `torch.load(weights_only=True)` and resume where they stopped.
+
+`cosine_warmup_config(optimizer, trainer, ...)`: the other modules' schedule (CLIP, mask
+prompt, classifier, SeMani-Diff): linear warm-up, then cosine to a fraction of the LR at the
+trainer's last step (or constant), per step.
 """
 
 from __future__ import annotations
@@ -23,9 +27,14 @@ from typing import Any
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_with_min_lr_schedule_with_warmup,
+)
 
 __all__ = [
     "LinearWarmup",
+    "cosine_warmup_config",
     "PlateauAfterWarmup",
     "optimizer_config",
     "warmup_plateau_schedulers",
@@ -149,3 +158,26 @@ def optimizer_config(optimizer: Optimizer, scheduler_factory: Any) -> Any:
     if not isinstance(schedulers, (list, tuple)):
         schedulers = [schedulers]
     return [optimizer], list(schedulers)
+
+
+def cosine_warmup_config(
+    optimizer: Optimizer,
+    trainer: Any,
+    warmup_steps: int,
+    min_lr_ratio: float = 0.0,
+    schedule: str = "cosine",
+) -> dict[str, Any]:
+    """`configure_optimizers`' return value with a per-step schedule: linear warm-up over
+    `warmup_steps` (at most the whole run), then cosine to `min_lr_ratio * lr` at the trainer's
+    last step (`schedule="cosine"`) or constant (`"constant"`)."""
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"unknown LR schedule {schedule!r}: use 'cosine' or 'constant'")
+    total = max(1, int(trainer.estimated_stepping_batches))
+    warmup = min(int(warmup_steps), total)
+    if schedule == "constant":
+        sched = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
+    else:
+        sched = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, num_warmup_steps=warmup, num_training_steps=total, min_lr_rate=min_lr_ratio
+        )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
