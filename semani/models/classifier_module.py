@@ -145,7 +145,9 @@ class ClassifierModule(pl.LightningModule):
              {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr,
         )  # fmt: skip
-        return cosine_warmup_config(opt, self.trainer, hp.warmup_steps, hp.min_lr_ratio)
+        return cosine_warmup_config(
+            opt, self.trainer.estimated_stepping_batches, hp.warmup_steps, hp.min_lr_ratio
+        )
 
     # ---------------------------------------------------------------- checkpoints and export
 

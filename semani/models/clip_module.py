@@ -208,7 +208,9 @@ class ClipTrainModule(pl.LightningModule):
              {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
         )  # fmt: skip
-        return cosine_warmup_config(opt, self.trainer, hp.warmup_steps, hp.min_lr_ratio)
+        return cosine_warmup_config(
+            opt, self.trainer.estimated_stepping_batches, hp.warmup_steps, hp.min_lr_ratio
+        )
 
     # ---------------------------------------------------------------- evaluation
 

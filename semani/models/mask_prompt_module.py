@@ -175,7 +175,9 @@ class MaskPromptTuningModule(pl.LightningModule):
             self.model.trainable_parameters(), lr=hp.lr, betas=tuple(hp.betas),
             weight_decay=hp.weight_decay,
         )  # fmt: skip
-        return cosine_warmup_config(opt, self.trainer, hp.warmup_steps, hp.min_lr_ratio)
+        return cosine_warmup_config(
+            opt, self.trainer.estimated_stepping_batches, hp.warmup_steps, hp.min_lr_ratio
+        )
 
     # ---------------------------------------------------------------- checkpoints and export
 

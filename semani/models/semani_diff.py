@@ -485,8 +485,9 @@ class SemaniDiffModule(pl.LightningModule):
         ]
         cls = adamw_8bit() if hp.use_8bit_adam else torch.optim.AdamW
         opt = cls(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        total = None if hp.lr_schedule == "constant" else self.trainer.estimated_stepping_batches
         return cosine_warmup_config(
-            opt, self.trainer, hp.warmup_steps, hp.min_lr_ratio, schedule=hp.lr_schedule
+            opt, total, hp.warmup_steps, hp.min_lr_ratio, schedule=hp.lr_schedule
         )
 
     # ---------------------------------------------------------------- images

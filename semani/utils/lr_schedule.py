@@ -162,18 +162,21 @@ def optimizer_config(optimizer: Optimizer, scheduler_factory: Any) -> Any:
 
 def cosine_warmup_config(
     optimizer: Optimizer,
-    trainer: Any,
+    total_steps: float | None,
     warmup_steps: int,
     min_lr_ratio: float = 0.0,
     schedule: str = "cosine",
 ) -> dict[str, Any]:
     """`configure_optimizers`' return value with a per-step schedule: linear warm-up over
-    `warmup_steps` (at most the whole run), then cosine to `min_lr_ratio * lr` at the trainer's
-    last step (`schedule="cosine"`) or constant (`"constant"`)."""
+    `warmup_steps` (at most `total_steps`), then cosine to `min_lr_ratio * lr` at `total_steps`
+    (the trainer's `estimated_stepping_batches`; `schedule="cosine"`) or constant
+    (`"constant"`, which needs no total)."""
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"unknown LR schedule {schedule!r}: use 'cosine' or 'constant'")
-    total = max(1, int(trainer.estimated_stepping_batches))
-    warmup = min(int(warmup_steps), total)
+    if schedule == "cosine" and total_steps is None:
+        raise ValueError("the cosine schedule needs total_steps")
+    total = max(1, int(total_steps)) if total_steps is not None else None
+    warmup = int(warmup_steps) if total is None else min(int(warmup_steps), total)
     if schedule == "constant":
         sched = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
     else:
