@@ -15,6 +15,7 @@ import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -24,7 +25,14 @@ from semani.utils.checkpoint import CheckpointMismatchError, load_checkpoint
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_overrides", "load_model", "register_model", "model_class_name"]
+__all__ = [
+    "check_overrides",
+    "export_dir",
+    "load_model",
+    "model_class_name",
+    "name_checkpoint",
+    "register_model",
+]
 
 MODEL_KEY = "semani_model"  # the checkpoint entry naming the class that wrote it
 TRANS = "semani.models.semani_trans.SemaniTransModule"
@@ -41,6 +49,22 @@ def check_overrides(cls: type, overrides: Mapping[str, Any]) -> None:
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise TypeError(f"unknown {cls.__name__} overrides {unknown}; known: {sorted(known)}")
+
+
+def name_checkpoint(module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """Write the class that `load_model` must use into `checkpoint` (call it from
+    `on_save_checkpoint`)."""
+    checkpoint[MODEL_KEY] = f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def export_dir(module: pl.LightningModule) -> Path | None:
+    """`<run>/<hparams.export_dir>` where a finished fit writes its export, or None when there
+    is nothing to write (no `export_dir`, a fast_dev_run, or not the global-zero process)."""
+    trainer = module.trainer
+    folder = module.hparams.get("export_dir")
+    if not folder or trainer.fast_dev_run or not trainer.is_global_zero:
+        return None
+    return Path(trainer.default_root_dir) / folder
 
 
 def register_model(name: str, loader: Loader) -> None:

@@ -51,6 +51,22 @@ def inpaint_folder(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path) -> P
     return folder
 
 
+@pytest.fixture(scope="session")
+def text2image_folder(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path) -> Path:
+    """Tiny random SD text-to-image components (4-channel UNet, for Blended-LDM), saved as
+    diffusers does."""
+    from diffusers import StableDiffusionPipeline
+
+    from semani.modules.diffusion_parts import tiny_inpaint_components
+
+    folder = tmp_path_factory.mktemp("tiny_t2i")
+    parts = tiny_inpaint_components(seed=0, in_channels=4, tokenizer_folder=tok_dir)
+    StableDiffusionPipeline(
+        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    ).save_pretrained(folder)
+    return folder
+
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 REPO_ROOT = CONFIG_DIR.parent
 

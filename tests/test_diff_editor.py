@@ -161,18 +161,6 @@ def test_errors(tmp_path: Path, tok_dir: Path) -> None:
 # Blended Latent Diffusion
 
 
-@pytest.fixture(scope="module")
-def text2image_folder(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path) -> Path:
-    from diffusers import StableDiffusionPipeline
-
-    folder = tmp_path_factory.mktemp("tiny_t2i")
-    parts = tiny_inpaint_components(seed=0, in_channels=4, tokenizer_folder=tok_dir)
-    StableDiffusionPipeline(
-        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    ).save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize("guidance", [1.0, 7.5])
 def test_blended_keeps_the_noised_source_outside_the_mask(
     text2image_folder: Path, guidance: float

@@ -16,25 +16,11 @@ import torch
 from PIL import Image
 
 from semani.modules.clip import TINY_CLIP_NAME
-from semani.modules.diffusion_parts import tiny_inpaint_components
 from semani.tasks.manipulate import main, manipulate, plan_edits
 from semani.utils.image_io import read_image
 from tests.conftest import REPO_ROOT, compose
 
 H, W = 45, 70  # non-square and off the VAE grid (the model sees 40x64)
-
-
-@pytest.fixture(scope="module")
-def text2image_folder(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path) -> Path:
-    """Tiny random SD text-to-image components (for Blended-LDM) saved as diffusers does."""
-    from diffusers import StableDiffusionPipeline
-
-    folder = tmp_path_factory.mktemp("tiny_t2i")
-    parts = tiny_inpaint_components(seed=0, in_channels=4, tokenizer_folder=tok_dir)
-    StableDiffusionPipeline(
-        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    ).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

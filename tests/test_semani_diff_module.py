@@ -13,7 +13,6 @@ import semani
 from semani.data.base import collate_samples
 from semani.data.shapes import ShapesWorldDataset
 from semani.models.semani_diff import SemaniDiffModule
-from semani.modules.diffusion_parts import offline_clip_tokenizer
 from semani.tasks.train import train
 from semani.utils.checkpoint import load_checkpoint
 from tests.conftest import compose
@@ -21,13 +20,6 @@ from tests.conftest import compose
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("clip_tokenizer")
-    offline_clip_tokenizer(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

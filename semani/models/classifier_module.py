@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from semani.loading import MODEL_KEY, check_overrides, register_model
+from semani.loading import check_overrides, export_dir, name_checkpoint, register_model
 from semani.metrics.shapes_classifier import ShapesClassifier, class_from_key
 from semani.utils.checkpoint import (
     CheckpointMismatchError,
@@ -152,14 +151,14 @@ class ClassifierModule(pl.LightningModule):
     # ---------------------------------------------------------------- checkpoints and export
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[MODEL_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        name_checkpoint(self, checkpoint)
 
     def on_train_end(self) -> None:
         """Write `<run>/<export_dir>/shapes_classifier.pt` (not in fast_dev_run)."""
-        trainer = self.trainer
-        if not self.hparams.export_dir or trainer.fast_dev_run or not trainer.is_global_zero:
+        folder = export_dir(self)
+        if folder is None:
             return
-        out = Path(trainer.default_root_dir) / self.hparams.export_dir / EXPORT_NAME
+        out = folder / EXPORT_NAME
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(self.net.export(), out)
         log.info("ShapesWorld classifier written to %s", out)

@@ -36,7 +36,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.loss import ClipLoss
 from torch import Tensor
 
-from semani.loading import MODEL_KEY, check_overrides, register_model
+from semani.loading import check_overrides, export_dir, name_checkpoint, register_model
 from semani.modules.clip import clip_preprocess, resolve_pretrained
 from semani.modules.clip_tokens import (
     encode_image_with_patches,
@@ -260,14 +260,14 @@ class ClipTrainModule(pl.LightningModule):
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[MODEL_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        name_checkpoint(self, checkpoint)
 
     def on_train_end(self) -> None:
         """Write `<run>/<export_dir>/open_clip_model.pt` (not in fast_dev_run)."""
-        trainer = self.trainer
-        if not self.hparams.export_dir or trainer.fast_dev_run or not trainer.is_global_zero:
+        folder = export_dir(self)
+        if folder is None:
             return
-        out = Path(trainer.default_root_dir) / self.hparams.export_dir / EXPORT_NAME
+        out = folder / EXPORT_NAME
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(self.open_clip_state_dict(), out)
         log.info("open_clip weights of %s written to %s", self.hparams.model_name, out)

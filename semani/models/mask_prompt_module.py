@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch import Tensor
 
-from semani.loading import MODEL_KEY, check_overrides, register_model
+from semani.loading import check_overrides, export_dir, name_checkpoint, register_model
 from semani.modules.mask_clip import MaskPromptCLIP, quickgelu_name
 from semani.utils.checkpoint import CheckpointMismatchError, get_state_dict, load_state_dict_strict
 from semani.utils.lr_schedule import cosine_warmup_config
@@ -182,7 +182,7 @@ class MaskPromptTuningModule(pl.LightningModule):
     # ---------------------------------------------------------------- checkpoints and export
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[MODEL_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        name_checkpoint(self, checkpoint)
 
     def export_mask_prompt(self, out: str | Path) -> Path:
         """Write the prompt with the CLIP's fingerprint (`MaskPromptCLIP.load_mask_prompt`)."""
@@ -197,11 +197,9 @@ class MaskPromptTuningModule(pl.LightningModule):
         return out
 
     def on_train_end(self) -> None:
-        trainer = self.trainer
-        if not self.hparams.export_dir or trainer.fast_dev_run or not trainer.is_global_zero:
-            return
-        self.export_mask_prompt(Path(trainer.default_root_dir) / self.hparams.export_dir /
-                                EXPORT_NAME)  # fmt: skip
+        folder = export_dir(self)
+        if folder is not None:
+            self.export_mask_prompt(folder / EXPORT_NAME)
 
     @classmethod
     def from_checkpoint_dict(

@@ -57,7 +57,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
 from semani.data.inpaint_masks import MaskSampler
-from semani.loading import MODEL_KEY, check_overrides, register_model
+from semani.loading import check_overrides, export_dir, name_checkpoint, register_model
 from semani.modules.diffusion_parts import (
     encode_text,
     latent_mask,
@@ -574,16 +574,15 @@ class SemaniDiffModule(pl.LightningModule):
 
     def on_train_end(self) -> None:
         """Write the diffusers folder to `<run>/<export_dir>` (not in fast_dev_run)."""
-        trainer = self.trainer
-        if not self.hparams.export_dir or trainer.fast_dev_run or not trainer.is_global_zero:
-            return
-        self.save_pretrained(Path(trainer.default_root_dir) / self.hparams.export_dir)
+        folder = export_dir(self)
+        if folder is not None:
+            self.save_pretrained(folder)
 
     # ---------------------------------------------------------------- checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Name the class; keep the EMA state; always save the training weights."""
-        checkpoint[MODEL_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        name_checkpoint(self, checkpoint)
         if self.ema is None:
             return
         if self._ema_active:  # saved from within `ema_weights`: the UNet holds the EMA copy

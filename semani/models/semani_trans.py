@@ -46,7 +46,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
 from semani.data.transforms import to_grayscale
-from semani.loading import MODEL_KEY, check_overrides
+from semani.loading import check_overrides, name_checkpoint
 from semani.manipulation.sampling import sample_image_tokens
 from semani.models.vqgan import VQGANModule
 from semani.modules.clip import ClipModel
@@ -312,7 +312,7 @@ class SemaniTransModule(pl.LightningModule):
             p: {"fingerprint": self.frozen_fingerprint(p), "source": self._frozen_sources[p]}
             for p in self._reloadable
         }
-        checkpoint[MODEL_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        name_checkpoint(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the frozen parts against the checkpoint's fingerprints, then put their weights
