@@ -57,6 +57,8 @@ format: install
 bench: install
 	$(PY) scripts/bench/trans_sampling.py
 	$(PY) scripts/bench/trans_train_step.py
+	$(PY) scripts/bench/alignment.py
+	$(PY) scripts/bench/diff_editor.py
 
 clean:
 	rm -rf .pytest_cache .ruff_cache outputs multirun
