@@ -18,7 +18,6 @@ Inference only, on a plain 4-channel text-to-image latent-diffusion UNet. `edit`
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -26,24 +25,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from semani.manipulation.diff_editor import composite as composite_images
 from semani.manipulation.diff_editor import (
+    LatentEditor,
     feather_weights,
     fresh_scheduler,
     guided_noise,
     make_generator,
-    prepare_components,
     prepare_inputs,
-    pretrained_parts,
     resize_bilinear,
     step_kwargs,
     text_embeddings,
 )
+from semani.manipulation.diff_editor import composite as composite_images
 from semani.modules.diffusion_parts import (
-    decode_latents,
     encode_image,
     latent_mask,
-    vae_scale_factor,
 )
 
 log = logging.getLogger(__name__)
@@ -54,7 +50,7 @@ __all__ = ["BlendedLatentEditor"]
 BlendCallback = Callable[[int, Tensor, Tensor, dict[str, Tensor]], None]
 
 
-class BlendedLatentEditor:
+class BlendedLatentEditor(LatentEditor):
     """Blended Latent Diffusion on a text-to-image Stable-Diffusion model.
 
     Args:
@@ -67,6 +63,8 @@ class BlendedLatentEditor:
         feather: the composite's seam width in pixels (see `feather_weights`).
         side, device, dtype, vae_tiling: as `DiffEditor`.
     """
+
+    inpaint = False  # from_pretrained reads a text-to-image folder
 
     def __init__(
         self,
@@ -96,33 +94,11 @@ class BlendedLatentEditor:
             )
         if not 0 <= skip < 1:
             raise ValueError(f"skip must be in [0, 1), got {skip}")
-        self.unet, self.vae = unet, vae
-        self.text_encoder, self.tokenizer, self.scheduler = text_encoder, tokenizer, scheduler
+        self._set_parts(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, vae_tiling)
         self.steps, self.guidance_scale = steps, guidance_scale
         self.negative_text, self.eta = negative_text, eta
         self.skip, self.dilation, self.side = skip, dilation, side
         self.composite, self.feather = composite, feather
-        prepare_components([unet, vae, text_encoder], device, dtype)
-        if vae_tiling:
-            vae.enable_tiling()
-        self.factor = vae_scale_factor(vae)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        source: str | os.PathLike,
-        scheduler: str | None = "DDIMScheduler",
-        config: str | os.PathLike | None = None,
-        torch_dtype: torch.dtype | str | None = None,
-        **kwargs: Any,
-    ) -> BlendedLatentEditor:
-        """An editor from a text-to-image diffusers folder, cached hub name or single file."""
-        torch_dtype = kwargs.get("dtype") if torch_dtype is None else torch_dtype
-        return cls(**pretrained_parts(source, False, scheduler, config, torch_dtype), **kwargs)
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
 
     def latent_mask(self, mask: Tensor) -> Tensor:
         """Model-grid pixel mask (1, 1, h*f, w*f) -> binary latent mask (1, 1, h, w)."""
@@ -157,7 +133,7 @@ class BlendedLatentEditor:
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         negative_text = self.negative_text if negative_text is None else negative_text
         cfg = scale > 1.0
-        device, dtype = self.device, self.unet.dtype
+        device, dtype = self.device, self.dtype
         embeds = text_embeddings(
             self.text_encoder, self.tokenizer, text, negative_text, num_images, cfg
         ).to(device, dtype)  # (N or 2N, L, D)
@@ -183,11 +159,6 @@ class BlendedLatentEditor:
             if callback is not None:
                 callback(i, t, latents, {"source_latents": source, "noise": noise, "mask": m})
         return latents
-
-    @torch.inference_mode()
-    def decode(self, latents: Tensor) -> Tensor:
-        """(N, C, h, w) latents -> (N, 3, h*f, w*f) float32 images in [0, 1]."""
-        return decode_latents(self.vae, latents)
 
     def edit(
         self,

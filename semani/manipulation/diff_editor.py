@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DiffEditor",
+    "LatentEditor",
     "Source",
     "composite",
     "feather_weights",
@@ -269,7 +270,60 @@ def prepare_components(
 # the editor
 
 
-class DiffEditor:
+class LatentEditor:
+    """What `DiffEditor` and `BlendedLatentEditor` share: the Stable-Diffusion parts moved to
+    their device and dtype, `from_pretrained`, and decoding. Subclasses set `inpaint` (the kind
+    of diffusers folder `from_pretrained` reads) and check their UNet."""
+
+    inpaint: bool = True
+
+    def _set_parts(
+        self, unet, vae, text_encoder, tokenizer, scheduler, device, dtype, vae_tiling: bool
+    ) -> None:
+        self.unet, self.vae = unet, vae
+        self.text_encoder, self.tokenizer, self.scheduler = text_encoder, tokenizer, scheduler
+        prepare_components([unet, vae, text_encoder], device, dtype)
+        if vae_tiling:
+            vae.enable_tiling()
+        self.factor = vae_scale_factor(vae)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike,
+        scheduler: str | None = "DDIMScheduler",
+        config: str | os.PathLike | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        **kwargs: Any,
+    ):
+        """An editor from a diffusers folder (inpainting for `DiffEditor`, text-to-image for
+        `BlendedLatentEditor`), a cached hub name or a single file (offline).
+
+        `scheduler`: a diffusers scheduler class name built from the source's scheduler config
+        (DDIM by default, as the paper samples), or None for the source's own scheduler.
+        `config`: for single files, see `semani.modules.diffusion_parts.load_sd_components`.
+        `torch_dtype`: load dtype (default: the constructor's `dtype`). Other keyword
+        arguments go to the constructor.
+        """
+        torch_dtype = kwargs.get("dtype") if torch_dtype is None else torch_dtype
+        parts = pretrained_parts(source, cls.inpaint, scheduler, config, torch_dtype)
+        return cls(**parts, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @torch.inference_mode()
+    def decode(self, latents: Tensor) -> Tensor:
+        """(N, C, h, w) latents -> (N, 3, h*f, w*f) float32 images in [0, 1]."""
+        return decode_latents(self.vae, latents)
+
+
+class DiffEditor(LatentEditor):
     """Entity-level manipulation with a Stable-Diffusion-inpainting-style model (SeMani-Diff).
 
     Args:
@@ -308,42 +362,9 @@ class DiffEditor:
                 f"input channels (latent, mask, masked-image latent), got "
                 f"{unet.config.in_channels}; for a text-to-image UNet use BlendedLatentEditor"
             )
-        self.unet, self.vae = unet, vae
-        self.text_encoder, self.tokenizer, self.scheduler = text_encoder, tokenizer, scheduler
+        self._set_parts(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, vae_tiling)
         self.steps, self.guidance_scale, self.feather = steps, guidance_scale, feather
         self.negative_text, self.eta, self.side = negative_text, eta, side
-        prepare_components([unet, vae, text_encoder], device, dtype)
-        if vae_tiling:
-            vae.enable_tiling()
-        self.factor = vae_scale_factor(vae)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        source: str | os.PathLike,
-        scheduler: str | None = "DDIMScheduler",
-        config: str | os.PathLike | None = None,
-        torch_dtype: torch.dtype | str | None = None,
-        **kwargs: Any,
-    ) -> DiffEditor:
-        """An editor from a diffusers folder, a cached hub name or a single file (offline).
-
-        `scheduler`: a diffusers scheduler class name built from the source's scheduler config
-        (DDIM by default, as the paper samples), or None for the source's own scheduler.
-        `config`: for single files, see `semani.modules.diffusion_parts.load_sd_components`.
-        `torch_dtype`: load dtype (default: the constructor's `dtype`). Other keyword
-        arguments go to the constructor.
-        """
-        torch_dtype = kwargs.get("dtype") if torch_dtype is None else torch_dtype
-        return cls(**pretrained_parts(source, True, scheduler, config, torch_dtype), **kwargs)
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
 
     @torch.inference_mode()
     def generate_latents(
@@ -400,11 +421,6 @@ class DiffEditor:
             if callback is not None:
                 callback(i, t, latents)
         return latents
-
-    @torch.inference_mode()
-    def decode(self, latents: Tensor) -> Tensor:
-        """(N, C, h, w) latents -> (N, 3, h*f, w*f) float32 images in [0, 1]."""
-        return decode_latents(self.vae, latents)
 
     def generate(
         self, image: Any, mask: Any, text: str, seed: int | None = None, **kwargs: Any
