@@ -11,10 +11,12 @@ import torch
 from PIL import Image
 
 from semani.data.shapes import (
+    COLORS,
     LOCATIONS,
     REL_MARGIN,
     SHAPES,
     ShapesWorldDataset,
+    drop_entity_colours,
     generate_shapes,
     main,
 )
@@ -176,3 +178,41 @@ def test_cli_and_overwrite(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         generate_shapes(tmp_path / "other", 1, 1, 32, 0, overwrite=True)
     assert (tmp_path / "other" / "keep.txt").exists()
+
+
+def test_drop_entity_colours_keeps_shapes_background_and_grammar() -> None:
+    assert drop_entity_colours("an orange circle left of a small red square") == (
+        "a circle left of a small square"
+    )
+    assert drop_entity_colours(
+        "a white triangle and a blue diamond on a grainy dark gray background"
+    ) == ("a triangle and a diamond on a grainy dark gray background")
+    # "white" names the background here, not an entity: it stays
+    assert drop_entity_colours("a big purple cross on a white background") == (
+        "a big cross on a white background"
+    )
+    assert drop_entity_colours("a red circle above an orange star") == "a circle above a star"
+
+
+def test_colourless_captions_only_in_training(shapes_root: Path) -> None:
+    colours = re.compile(rf"\b({'|'.join(COLORS)}) ({'|'.join(SHAPES)})\b")
+    train = ShapesWorldDataset(shapes_root, "train", 64, 40, colourless_prob=1.0)
+    for i in range(6):
+        sample = train[i]
+        assert not colours.search(sample["caption"]), sample["caption"]
+        assert sample["caption"] in {drop_entity_colours(c) for c in train.captions[i]}
+    plain = ShapesWorldDataset(shapes_root, "train", 64, 40, colourless_prob=0.0)
+    assert all(plain[i]["caption"] in plain.captions[i] for i in range(6))
+    test = ShapesWorldDataset(shapes_root, "test", 64, 40, colourless_prob=1.0)
+    assert test[0]["caption"] == test.captions[0][0]  # evaluation captions are never changed
+    with pytest.raises(ValueError, match="colourless_prob"):
+        ShapesWorldDataset(shapes_root, "train", 64, 40, colourless_prob=1.5)
+
+
+def test_colourless_captions_is_a_shapes_option(shapes_root: Path) -> None:
+    from semani.data.datamodule import SemaniDataModule
+
+    with pytest.raises(ValueError, match="ShapesWorld option"):
+        SemaniDataModule("cub", str(shapes_root), colourless_captions=0.5)
+    dm = SemaniDataModule("shapes", str(shapes_root), image_size=64, colourless_captions=0.25)
+    assert dm._reader("train", deterministic=False).colourless_prob == 0.25

@@ -213,11 +213,15 @@ class CaptionImageDataset(Dataset):
             return i % n
         return int(torch.randint(n, ()))
 
+    def transform_caption(self, i: int, caption: str) -> str:
+        """The caption that sample ``i`` serves (a subclass's augmentation; here unchanged)."""
+        return caption
+
     def get_sample(self, i: int) -> dict[str, Any]:
         """Sample ``i`` without corrupt-image handling (raises ``CorruptImageError``)."""
         img = load_image(self.image_path(i))
         box = self.crop_box(i, *img.size)
-        caption = self.captions[i][self.caption_index(i)]
+        caption = self.transform_caption(i, self.captions[i][self.caption_index(i)])
         sample: dict[str, Any] = {
             "image": image_to_tensor(crop_resize(img, self.image_size, box)),  # (3, H, W)
             "caption": caption,

@@ -18,6 +18,8 @@ the world size does not divide is an error.
 turns map-style samples into masked entity crops captioned with the entity's name: in training
 with probability ``crop_prob`` (a CLIP that also sees single entities), and in evaluation too
 when ``eval: true`` (mask-prompt tuning, whose validation classifies crops).
+``colourless_captions`` (ShapesWorld): the chance that a training caption loses its entities'
+colour words (`semani.data.shapes.drop_entity_colours`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from semani.data.oxford import OxfordFlowersDataset
 from semani.data.shapes import ShapesWorldDataset
 from semani.data.tokenizer import TextTokenizer
 from semani.data.webdataset import make_webdataset, resolve_shards
+from semani.utils.checkpoint import plain_hparams
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +54,6 @@ DATASETS: dict[str, type[CaptionImageDataset]] = {
     "shapes": ShapesWorldDataset,
 }
 DEFAULT_WDS_VAL_SAMPLES = 1024
-
-
-def _plain(obj: Any) -> Any:
-    """Mappings and sequences (OmegaConf's too) -> dicts and lists, recursively."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) or (
-        hasattr(obj, "__len__") and hasattr(obj, "__getitem__") and not isinstance(obj, str)
-    ):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 class SemaniDataModule(pl.LightningDataModule):
@@ -90,6 +82,7 @@ class SemaniDataModule(pl.LightningDataModule):
         epoch_size: int | None = None,
         seed: int = 0,
         entity_crops: Mapping[str, Any] | None = None,
+        colourless_captions: float = 0.0,
     ) -> None:
         super().__init__()
         if dataset not in (*DATASETS, "webdataset"):
@@ -102,6 +95,10 @@ class SemaniDataModule(pl.LightningDataModule):
             raise ValueError("dataset=webdataset needs data.shards, e.g. '{00000..01242}.tar'")
         if on_corrupt not in ("skip", "raise"):
             raise ValueError(f"on_corrupt must be 'skip' or 'raise', got {on_corrupt!r}")
+        if colourless_captions and dataset != "shapes":
+            raise ValueError(
+                "colourless_captions is a ShapesWorld option (dataset=shapes); set it to 0"
+            )
         if entity_crops is not None:
             if dataset == "webdataset":
                 raise ValueError("entity_crops needs entity masks: use dataset=shapes or coco")
@@ -112,7 +109,7 @@ class SemaniDataModule(pl.LightningDataModule):
                     f"unknown data.entity_crops keys {unknown}; allowed: {sorted(allowed)}"
                 )
         # plain containers in the checkpoint's hyper-parameters (weights-only loadable)
-        entity_crops, instances_json = _plain(entity_crops), _plain(instances_json)
+        entity_crops, instances_json = plain_hparams(entity_crops), plain_hparams(instances_json)
         self.save_hyperparameters(logger=False)
         self.tokenizer = TextTokenizer(context_length)
         self.data_train: Dataset | None = None
@@ -135,6 +132,8 @@ class SemaniDataModule(pl.LightningDataModule):
         kwargs: dict[str, Any] = {}
         if hp.dataset == "coco" and hp.instances_json is not None:
             kwargs["instances_json"] = hp.instances_json
+        if hp.dataset == "shapes":
+            kwargs["colourless_prob"] = hp.get("colourless_captions", 0.0)
         return DATASETS[hp.dataset](
             root=hp.root,
             split=split,

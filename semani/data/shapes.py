@@ -38,6 +38,7 @@ import functools
 import json
 import logging
 import pickle
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ShapesWorldDataset",
+    "drop_entity_colours",
     "generate_shapes",
     "main",
     "SHAPES",
@@ -310,6 +312,17 @@ def _article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
+_COLOUR_BEFORE_SHAPE = re.compile(rf"\b(?:{'|'.join(COLORS)}) (?=(?:{'|'.join(SHAPES)})\b)")
+_ARTICLE = re.compile(r"\b(a|an) (\w)")
+
+
+def drop_entity_colours(caption: str) -> str:
+    """The caption without its entities' colour words, articles fixed: "an orange circle left of
+    a small red square" -> "a circle left of a small square". Background colours stay."""
+    caption = _COLOUR_BEFORE_SHAPE.sub("", caption)
+    return _ARTICLE.sub(lambda m: ("an " if m[2] in "aeiou" else "a ") + m[2], caption)
+
+
 def _captions(rng: np.random.Generator, scene: dict[str, Any]) -> list[str]:
     """Ten captions (distinct when the templates allow) naming every entity."""
     ents, roles, rels = scene["entities"], scene["roles"], scene["relations"]
@@ -514,7 +527,13 @@ SHAPES_HINT = (
 
 
 class ShapesWorldDataset(CUBDataset):
-    """ShapesWorld through the CUB reader, plus ``entity_masks`` / ``entity_names``."""
+    """ShapesWorld through the CUB reader, plus ``entity_masks`` / ``entity_names``.
+
+    ``colourless_prob``: in training (not ``deterministic``), the chance that a caption is served
+    without its entities' colour words (`drop_entity_colours`). Whole scenes can be told apart
+    by their colours alone; captions that name only the shapes make a CLIP's scene patches carry
+    shape, which the token-wise scorer needs to find an entity from its bare shape word.
+    """
 
     layout = (
         CUB_LAYOUT.rsplit("\n", 1)[0].replace(".jpg", ".png")
@@ -532,8 +551,12 @@ class ShapesWorldDataset(CUBDataset):
         deterministic: bool | None = None,
         on_corrupt: OnCorrupt = "skip",
         tokenizer: TextTokenizer | None = None,
+        colourless_prob: float = 0.0,
     ) -> None:
         require_paths(Path(root).expanduser(), ["entities", "masks"], self.layout, SHAPES_HINT)
+        if not 0.0 <= colourless_prob <= 1.0:
+            raise ValueError(f"colourless_prob must be in [0, 1], got {colourless_prob}")
+        self.colourless_prob = colourless_prob
         super().__init__(
             root, split, image_size, context_length, deterministic, on_corrupt, tokenizer
         )
@@ -546,6 +569,12 @@ class ShapesWorldDataset(CUBDataset):
                 ([e["name"] for e in ents], [self.root / e["mask"] for e in ents])
             )
             self._descriptions.append([e["description"] for e in ents])
+
+    def transform_caption(self, i: int, caption: str) -> str:
+        if self.colourless_prob and not self.deterministic:
+            if float(torch.rand(())) < self.colourless_prob:
+                return drop_entity_colours(caption)
+        return caption
 
     def entity_descriptions(self, i: int) -> list[str]:
         """Image ``i``'s entity descriptions ("small red circle"), in ``entity_names`` order."""

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from semani.alignment.segmenters.common import proposal_recall
 from semani.alignment.segmenters.mask2former import panoptic_proposals
+from semani.utils.checkpoint import plain_hparams
 from semani.utils.lr_schedule import optimizer_config
 
 log = logging.getLogger(__name__)
@@ -37,15 +38,6 @@ __all__ = ["EntitySegModule"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the Mask2Former image processor's normalisation
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _plain(obj: Any) -> Any:
-    """DictConfig / ListConfig -> plain dicts and lists (for hparams and transformers configs)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) or type(obj).__name__ == "ListConfig":
-        return [_plain(v) for v in obj]
-    return obj
 
 
 class EntitySegModule(pl.LightningModule):
@@ -76,7 +68,7 @@ class EntitySegModule(pl.LightningModule):
         super().__init__()
         from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
 
-        config = _plain(config)
+        config = plain_hparams(config)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         self.hparams["config"] = config  # plain values: checkpoints load weights-only
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler

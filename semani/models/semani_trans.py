@@ -37,12 +37,10 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, is_dataclass
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
 from semani.data.transforms import to_grayscale
@@ -57,6 +55,7 @@ from semani.utils.checkpoint import (
     get_state_dict,
     load_checkpoint,
     load_state_dict_strict,
+    plain_hparams,
     state_fingerprint,
 )
 from semani.utils.lr_schedule import optimizer_config
@@ -79,15 +78,6 @@ _MERGED_HPARAMS = ("vqgan", "clip", "sampling")
 
 class FrozenWeightsMismatchError(CheckpointMismatchError):
     """A frozen part re-read from its file differs from the one the checkpoint was trained with."""
-
-
-def _plain(obj: Any) -> Any:
-    """DictConfig / dataclass -> plain python containers (hparams must load weights-only)."""
-    if isinstance(obj, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(obj, resolve=True)
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return asdict(obj)
-    return obj
 
 
 def build_frozen_vqgan(spec: Mapping[str, Any] | nn.Module | None) -> tuple[VQGANModule, bool]:
@@ -155,7 +145,7 @@ def _merge_hparams(saved: dict[str, Any], overrides: Mapping[str, Any]) -> dict[
     for key, value in overrides.items():
         old = out.get(key)
         if key in _MERGED_HPARAMS and isinstance(value, Mapping) and isinstance(old, Mapping):
-            value = {**old, **_plain(value)}
+            value = {**old, **plain_hparams(value)}
             if key == "vqgan" and "ckpt_path" in overrides[key] and value["ckpt_path"]:
                 value["taming_ckpt"] = value["taming_config"] = None
             elif key == "vqgan" and ({"taming_ckpt", "taming_config"} & set(overrides[key])):
@@ -205,10 +195,10 @@ class SemaniTransModule(pl.LightningModule):
         init_ckpt: str | None = None,
     ) -> None:
         super().__init__()
-        gpt, clip, sampling = _plain(gpt), _plain(clip), _plain(sampling)
+        gpt, clip, sampling = plain_hparams(gpt), plain_hparams(clip), plain_hparams(sampling)
         vqgan_is_module = isinstance(vqgan, nn.Module)
         if not vqgan_is_module:
-            vqgan = _plain(vqgan)
+            vqgan = plain_hparams(vqgan)
         if not 0.0 <= vg_prob <= 1.0:
             raise ValueError(f"vg_prob must be in [0, 1], got {vg_prob}")
         if lambda_sem > 0 and clip is None:

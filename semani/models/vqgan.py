@@ -28,7 +28,12 @@ from torch import Tensor, nn
 
 from semani.modules.conv_autoencoder import ConvDecoder, ConvEncoder
 from semani.modules.vqgan_loss import VQGANLoss
-from semani.utils.checkpoint import get_state_dict, load_checkpoint, load_state_dict_strict
+from semani.utils.checkpoint import (
+    get_state_dict,
+    load_checkpoint,
+    load_state_dict_strict,
+    plain_hparams,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +63,6 @@ _HPARAMS = (
 )
 # encoder/decoder classes per `arch`
 ARCHS = {"taming": (Encoder, Decoder), "conv": (ConvEncoder, ConvDecoder)}
-
-
-def _plain(obj: Any) -> Any:
-    """Hydra DictConfig/ListConfig (or any mapping/sequence) -> plain dict/list, for hparams."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, Sequence) and not isinstance(obj, str):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def _drop_loss_keys(sd: dict[str, Tensor], source: str | os.PathLike) -> dict[str, Tensor]:
@@ -123,7 +119,7 @@ class VQGANModule(pl.LightningModule):
         betas: Sequence[float] = (0.5, 0.9),
     ) -> None:
         super().__init__()
-        ddconfig, loss = _plain(ddconfig), _plain(loss)
+        ddconfig, loss = plain_hparams(ddconfig), plain_hparams(loss)
         if arch not in ARCHS:
             raise ValueError(f"unknown VQGAN arch {arch!r}: use one of {sorted(ARCHS)}")
         if ddconfig.get("double_z", True):

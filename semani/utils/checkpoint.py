@@ -14,12 +14,30 @@ import hashlib
 import logging
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+
+def plain_hparams(obj: Any) -> Any:
+    """Hydra/OmegaConf containers, dataclasses, mappings and lists -> plain dicts and lists,
+    recursively: hyper-parameters saved in a checkpoint must load with `weights_only=True`."""
+    if type(obj).__name__ in ("DictConfig", "ListConfig"):
+        from omegaconf import OmegaConf
+
+        obj = OmegaConf.to_container(obj, resolve=True)
+    if is_dataclass(obj) and not isinstance(obj, type):
+        obj = asdict(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): plain_hparams(v) for k, v in obj.items()}
+    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
+        return [plain_hparams(v) for v in obj]
+    return obj
+
 
 log = logging.getLogger(__name__)
 
