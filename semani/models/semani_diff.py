@@ -53,7 +53,6 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
 from semani.data.inpaint_masks import MaskSampler
@@ -68,6 +67,7 @@ from semani.utils.checkpoint import (
     CheckpointMismatchError,
     get_state_dict,
     load_state_dict_strict,
+    plain_hparams,
 )
 from semani.utils.lr_schedule import cosine_warmup_config
 
@@ -111,12 +111,6 @@ def adamw_8bit() -> type:
     return bnb.optim.AdamW8bit
 
 
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(obj, resolve=True)
-    return obj
-
-
 def build_components(
     source: str | os.PathLike | None, tiny: Mapping[str, Any] | None, config: str | None
 ) -> dict[str, Any]:
@@ -141,6 +135,25 @@ def build_components(
     return parts
 
 
+def replace_vae(old: Any, path: str) -> Any:
+    """The VAE saved at `path` (`load_vae`), checked against the one it replaces."""
+    from semani.models.vae_module import load_vae
+
+    new = load_vae(path)
+    for key in ("latent_channels", "block_out_channels"):
+        if key == "block_out_channels":  # the latent factor must match the UNet's grid
+            a, b = len(old.config[key]), len(new.config[key])
+        else:
+            a, b = old.config[key], new.config[key]
+        if a != b:
+            raise ValueError(
+                f"the VAE at {path} has {key}={new.config[key]}, the model expects "
+                f"{old.config[key]}: train the VAE stage with the model's VAE shape"
+            )
+    log.info("VAE from %s (scaling factor %.4f)", path, new.config.scaling_factor)
+    return new
+
+
 class SemaniDiffModule(pl.LightningModule):
     """SeMani-Diff inpainting training (see the module docstring).
 
@@ -148,6 +161,8 @@ class SemaniDiffModule(pl.LightningModule):
         source: SD-inpainting weights (diffusers folder, cached hub name, single file).
         tiny: `tiny_inpaint_components` kwargs instead (random init, from scratch).
         config: for a single-file `source`, the diffusers folder with its configs.
+        vae: a VAE folder (`experiment=vae_shapes`' <run>/vae, or a pipeline folder with vae/)
+            that replaces the source's or tiny VAE, with its own scaling factor.
         prediction_type: "epsilon" | "v_prediction"; None: the source scheduler's.
         train_text_encoder, train_vae: train these too (frozen otherwise).
         vae_kl_weight: with train_vae, weight of the per-element KL in the VAE loss.
@@ -173,6 +188,7 @@ class SemaniDiffModule(pl.LightningModule):
         source: str | None = None,
         tiny: Mapping[str, Any] | None = None,
         config: str | None = None,
+        vae: str | None = None,
         prediction_type: str | None = None,
         train_text_encoder: bool = False,
         train_vae: bool = False,
@@ -205,7 +221,8 @@ class SemaniDiffModule(pl.LightningModule):
         from diffusers.training_utils import EMAModel
 
         source = None if source is None else str(source)
-        tiny, masks = _plain(tiny), _plain(masks)
+        vae = None if vae is None else str(vae)
+        tiny, masks = plain_hparams(tiny), plain_hparams(masks)
         betas = [float(b) for b in betas]
         val_timesteps = [int(t) for t in val_timesteps]
         for name, p in (("text_dropout", text_dropout), ("mask_dropout", mask_dropout)):
@@ -221,6 +238,8 @@ class SemaniDiffModule(pl.LightningModule):
         self.mask_sampler = MaskSampler(**(masks or {}))
 
         parts = build_components(source, tiny, config)
+        if vae is not None:
+            parts["vae"] = replace_vae(parts["vae"], vae)
         self.unet, self.vae = parts["unet"], parts["vae"]
         self.text_encoder, self.tokenizer = parts["text_encoder"], parts["tokenizer"]
         self.source_scheduler_config = dict(parts["scheduler"].config)

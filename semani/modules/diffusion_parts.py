@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ __all__ = [
     "load_sd_components",
     "offline_clip_tokenizer",
     "tiny_inpaint_components",
+    "tiny_vae",
     "vae_scale_factor",
 ]
 
@@ -164,6 +166,33 @@ def offline_clip_tokenizer(
 # tiny random components
 
 
+def tiny_vae(
+    seed: int = 0,
+    channels: Sequence[int] = (16, 16, 32, 32),
+    layers_per_block: int = 1,
+    latent_size: int = 8,
+) -> Any:
+    """A seeded random `AutoencoderKL` in SD's layout at toy widths: 4 latent channels, one
+    level per entry of `channels` (4 levels: SD's latent factor 8 = 2 ** (levels - 1)); the
+    global RNG is restored afterwards. `latent_size`: the nominal latent side."""
+    from diffusers import AutoencoderKL
+
+    m = len(channels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * m,
+            up_block_types=("UpDecoderBlock2D",) * m,
+            block_out_channels=tuple(channels),
+            layers_per_block=layers_per_block,
+            latent_channels=4,
+            norm_num_groups=min(32, channels[0]),
+            sample_size=latent_size * 2 ** (m - 1),
+        )
+
+
 def tiny_inpaint_components(
     seed: int = 0,
     in_channels: int = 9,
@@ -199,7 +228,7 @@ def tiny_inpaint_components(
         {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} (scheduler: DDIM with SD's
         scaled-linear betas 0.00085..0.012 over 1000 steps).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if in_channels not in (4, 9):
@@ -219,19 +248,7 @@ def tiny_inpaint_components(
             attention_head_dim=attention_head_dim,
             norm_num_groups=min(32, block_out_channels[0]),
         )
-        torch.manual_seed(seed)
-        m = len(vae_channels)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * m,
-            up_block_types=("UpDecoderBlock2D",) * m,
-            block_out_channels=tuple(vae_channels),
-            layers_per_block=vae_layers_per_block,
-            latent_channels=4,
-            norm_num_groups=min(32, vae_channels[0]),
-            sample_size=sample_size * 2 ** (m - 1),
-        )
+        vae = tiny_vae(seed, vae_channels, vae_layers_per_block, sample_size)
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
