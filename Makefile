@@ -8,12 +8,13 @@ SHAPES ?= data/shapes
 .PHONY: install test test-all quickstart lint format bench clean
 
 # The venv is (re)built when pyproject.toml changes. torch comes first, pinned, from the local
-# wheel cache (see README, "Install"); then the package with its dev extras.
+# wheel cache (see README, "Install"); then the package with its dev and app (gradio, ~30 s)
+# extras.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,app]"
 	touch $@
 
 install: $(VENV)/.installed

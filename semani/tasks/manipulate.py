@@ -22,6 +22,9 @@
    `edited.png`, `mask.png` (the union of the edited masks, 0/255) and `overlay.png` (the
    input with that mask tinted red).
 
+Steps 2-5 are functions (`plan_edits`, `build_editor`, `build_aligner`, `align_edits`,
+`apply_edits`) that the Gradio app (`python -m semani.app`) reuses.
+
 `main(cfg)` turns the expected failures (unreadable image, missing model or weights, missing
 required key, entity not found, unparsable text, a mask too small) into one line on stderr and
 exit status 1 (the traceback is logged at debug level: `hydra.verbose=true`).
@@ -44,7 +47,8 @@ from PIL import Image
 
 from semani.alignment.aligner import EntityAligner, EntityEdit, parse_entity_edits
 from semani.alignment.segmenters import build_segmenter
-from semani.alignment.types import EntityNotFoundError
+from semani.alignment.types import EntityNotFoundError, EntityProposals
+from semani.data.transforms import image_to_tensor
 from semani.manipulation.diff_editor import (
     composite,
     feather_weights,
@@ -59,7 +63,18 @@ from semani.utils.task_utils import extras
 
 log = get_pylogger(__name__)
 
-__all__ = ["TransPixelEditor", "main", "manipulate", "overlay", "plan_edits"]
+__all__ = [
+    "TransPixelEditor",
+    "align_edits",
+    "apply_edits",
+    "build_aligner",
+    "build_editor",
+    "main",
+    "manipulate",
+    "one_line",
+    "overlay",
+    "plan_edits",
+]
 
 OUTPUTS = ("edited.png", "mask.png", "overlay.png")
 TINT, TINT_ALPHA = (255, 0, 0), 0.5  # overlay.png: the mask in half-transparent red
@@ -197,17 +212,18 @@ def _instantiate(cfg: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
+def build_editor(cfg: DictConfig) -> Any:
+    """The editor of `cfg.editor` (`configs/editor/`; its constructor's own errors)."""
+    editor = _instantiate(cfg)
+    log.info("editor: %s", type(editor).__name__)
+    return editor
+
+
 def build_aligner(cfg: DictConfig) -> EntityAligner:
     """The aligner of `cfg.alignment` (segmenter via `build_segmenter`: its own errors)."""
     aligner = _instantiate(cfg, segmenter=None)
     aligner.segmenter = build_segmenter(cfg.segmenter)
     return aligner
-
-
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL -> (3, H, W) float in [-1, 1]."""
-    arr = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (3, H, W) uint8
-    return arr.float() / 127.5 - 1
 
 
 def log_alignment(edit: EntityEdit) -> None:
@@ -224,6 +240,45 @@ def log_alignment(edit: EntityEdit) -> None:
                  i, "n/a" if sim != sim else f"{sim:.3f}", 100 * area[i],
                  float(props.scores[i]), mark)  # fmt: skip
     log.info("  chosen: %s", ", ".join(f"#{i}" for i in res.chosen))
+
+
+def align_edits(
+    aligner: EntityAligner,
+    image: Image.Image,
+    plan: Sequence[tuple[str, str]],
+    token_grid: tuple[int, int] | None = None,
+    proposals: EntityProposals | None = None,
+) -> list[EntityEdit]:
+    """Align every (word, text) of `plan` on the RGB `image` (`EntityAligner.align_many`, with
+    the segmenter's proposals unless given) and log every proposal's similarity.
+
+    Raises:
+        EntityNotFoundError: a word no proposal matches.
+    """
+    with torch.inference_mode():
+        edits = aligner.align_many(image_to_tensor(image), plan, token_grid, proposals)
+    for e in edits:
+        log_alignment(e)
+    return edits
+
+
+def apply_edits(
+    editor: Any,
+    image: Image.Image,
+    plan: Sequence[tuple[str | None, str]],
+    masks: Sequence[np.ndarray],
+    seed: int | None = None,
+    **sampler: Any,
+) -> Image.Image:
+    """Edit the entities one after another, in the order of `plan`, each starting from the
+    previous result and with the same `seed`; `sampler` goes to `editor.edit` (e.g. `steps=`,
+    `guidance_scale=` for the diffusion editors)."""
+    running = image
+    for i, ((word, text), mask) in enumerate(zip(plan, masks)):
+        log.info("edit %d/%d: %s -> %r (%.1f%% of the image)", i + 1, len(plan),
+                 word or "mask", text, 100 * mask.mean())  # fmt: skip
+        running = editor.edit(running, mask, text, seed=seed, **sampler)[0]
+    return running
 
 
 def overlay(image: Image.Image, mask: np.ndarray) -> Image.Image:
@@ -273,19 +328,13 @@ def manipulate(cfg: DictConfig) -> dict[str, Any]:
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
 
-    editor = _instantiate(cfg.editor)
-    log.info("editor: %s", type(editor).__name__)
+    editor = build_editor(cfg.editor)
     if user_mask is not None:
         masks = [user_mask]
         report = [{"word": None, "text": plan[0][1], "chosen": [], "similarities": []}]
     else:
         aligner = build_aligner(cfg.alignment)
-        with torch.inference_mode():
-            edits = aligner.align_many(
-                _to_tensor(image), plan, token_grid=getattr(editor, "token_grid", None)
-            )
-        for e in edits:
-            log_alignment(e)
+        edits = align_edits(aligner, image, plan, getattr(editor, "token_grid", None))
         masks = [e.result.mask.cpu().numpy() for e in edits]
         report = [
             {"word": e.word, "text": e.text, "chosen": list(e.result.chosen),
@@ -293,11 +342,7 @@ def manipulate(cfg: DictConfig) -> dict[str, Any]:
             for e in edits
         ]  # fmt: skip
 
-    running = image
-    for i, ((word, text), mask) in enumerate(zip(plan, masks)):
-        log.info("edit %d/%d: %s -> %r (%.1f%% of the image)", i + 1, len(plan),
-                 word or "mask", text, 100 * mask.mean())  # fmt: skip
-        running = editor.edit(running, mask, text, seed=cfg.get("seed"))[0]
+    running = apply_edits(editor, image, plan, masks, seed=cfg.get("seed"))
 
     union = np.logical_or.reduce(masks)  # (H, W) bool
     paths = {name: out / name for name in OUTPUTS}
@@ -312,7 +357,8 @@ def manipulate(cfg: DictConfig) -> dict[str, Any]:
 USER_ERRORS = (OSError, ImportError, ValueError, CheckpointMismatchError)
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (its type name when it has none)."""
     return " ".join(str(err).split()) or type(err).__name__
 
 
@@ -326,7 +372,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         log.info("no match for %r; every proposal, best first:", err.word)
         for i, sim in err.ranking:
             log.info("  proposal #%d: similarity %s", i, "n/a" if sim != sim else f"{sim:.3f}")
-        raise SystemExit(f"error: {_one_line(err)}") from None
+        raise SystemExit(f"error: {one_line(err)}") from None
     except USER_ERRORS as err:
         log.debug("manipulate failed", exc_info=True)
-        raise SystemExit(f"error: {_one_line(err)}") from None
+        raise SystemExit(f"error: {one_line(err)}") from None

@@ -1,0 +1,492 @@
+"""`python -m semani.app`: the Gradio demo of entity-level editing (paper §4.5; configs/app.yaml).
+
+    python -m semani.app editor=semani_diff editor.source=<diffusers inpainting folder> \
+        alignment/segmenter=mask2former server_port=7860
+
+Upload an image, type the word naming the entity and the target text (or, with no word,
+several edits "bird: a blue bird | branch: a snowy branch"), set the sampler's steps and
+guidance, the seed and the selection threshold. Each request runs the command-line path of
+`semani.tasks.manipulate` (`plan_edits`, `align_edits`, `apply_edits`) with models built once at
+start (`build_editor`, `build_aligner`), and shows:
+
+- the entity proposals over the image, each labelled with its similarity to the word, and a
+  table of every proposal (similarity per word, which were chosen, segmenter score, area);
+- the chosen mask (white = edited) and the result, both at the input's size, side by side;
+- one message: what was done, or why not (an entity that is not found lists the best proposals
+  and their similarities; an unreadable image; an empty text; ...), never a traceback.
+
+Models (`load_models`): the configured editor and aligner; when their weights are missing (or
+they fail to load), the ShapesWorld models of `cfg.shapes`, with ShapesWorld test images as
+examples; when those are missing too, the app starts anyway and names the missing files and the
+commands that make them.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from semani.alignment.aligner import EntityAligner
+from semani.alignment.types import EntityNotFoundError, EntityProposals
+from semani.data.transforms import image_to_tensor
+from semani.tasks.manipulate import (
+    USER_ERRORS,
+    align_edits,
+    apply_edits,
+    build_aligner,
+    build_editor,
+    one_line,
+    plan_edits,
+)
+from semani.utils.image_io import read_image
+from semani.utils.task_utils import extras
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EditOutputs", "Models", "build_app", "launch", "load_models", "main", "run_edit"]
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# config keys that hold weights (a path that must exist when it is absolute; else a hub name)
+WEIGHT_KEYS = frozenset(
+    "source ckpt weights model_name_or_path pretrained ovseg_ckpt mask_prompt repo_dir".split()
+)
+# the table's columns before any proposal
+EMPTY_TABLE = ["proposal", "similarity", "chosen for", "segmenter score", "area %"]
+# proposal colours in the overlay (matplotlib's tab10)
+PALETTE = "#1f77b4 #ff7f0e #2ca02c #d62728 #9467bd #8c564b #e377c2 #7f7f7f #bcbd22 #17becf".split()
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Weight files a model configuration names do not exist."""
+
+    def __init__(self, files: list[str]) -> None:
+        self.files = files
+        super().__init__("missing " + ", ".join(files))
+
+
+@dataclass
+class Models:
+    """What the app edits with: an editor and an aligner (None when nothing loads), which set
+    they are ("configured", "ShapesWorld" or "none"), a Markdown notice for the page (why the
+    fallback, or what is missing) and example rows [image, entity, text]."""
+
+    editor: Any = None
+    aligner: EntityAligner | None = None
+    kind: str = "none"
+    notice: str = ""
+    examples: list[list[str]] = field(default_factory=list)
+
+
+@dataclass
+class EditOutputs:
+    """One request's outputs: the message, the input with its proposals as
+    (image, [((H, W) float mask, label)]), the score table, the chosen mask (L, 0/255) and the
+    result (RGB, the input's size); images are None where the request stopped before them."""
+
+    message: str
+    proposals: tuple[Image.Image, list[tuple[np.ndarray, str]]] | None = None
+    headers: list[str] = field(default_factory=list)
+    rows: list[list[Any]] = field(default_factory=list)
+    mask: Image.Image | None = None
+    result: Image.Image | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+def missing_files(node: Any) -> list[str]:
+    """The absolute paths under `WEIGHT_KEYS` of a config node (recursively) that do not exist."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in WEIGHT_KEYS and isinstance(value, str):
+                if os.path.isabs(value) and not os.path.exists(value):
+                    found.append(value)
+            else:
+                found += missing_files(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += missing_files(value)
+    return found
+
+
+def _build(editor_cfg: DictConfig, alignment_cfg: DictConfig) -> tuple[Any, EntityAligner]:
+    missing = missing_files(editor_cfg) + missing_files(alignment_cfg)
+    if missing:
+        raise MissingWeightsError(missing)
+    return build_editor(editor_cfg), build_aligner(alignment_cfg)
+
+
+def _shapes_alignment(cfg: DictConfig) -> DictConfig:
+    """`cfg.alignment` with the segmenter and scorer of `cfg.shapes.alignment` (whole nodes)."""
+    alignment = OmegaConf.to_container(cfg.alignment, resolve=True)
+    alignment.update(OmegaConf.to_container(cfg.shapes.alignment, resolve=True))
+    return OmegaConf.create(alignment)
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, MissingWeightsError):
+        return "missing " + ", ".join(f"`{f}`" for f in err.files)
+    return f"`{one_line(err)}`"
+
+
+def load_models(cfg: DictConfig) -> Models:
+    """The configured editor and aligner, else the ShapesWorld ones (`cfg.shapes`), else none;
+    the notice says which and why (see the module docstring)."""
+    try:
+        editor, aligner = _build(cfg.editor, cfg.alignment)
+        return Models(editor, aligner, "configured")
+    except USER_ERRORS as err:
+        configured = err
+        log.warning("the configured models cannot be loaded: %s", one_line(err))
+        log.debug("configured models", exc_info=True)
+    notice = f"The configured models cannot be loaded: {_reason(configured)}."
+    if not cfg.shapes.enabled:
+        return Models(notice=f"**No models loaded.** {notice}")
+    try:
+        editor, aligner = _build(cfg.shapes.editor, _shapes_alignment(cfg))
+    except USER_ERRORS as err:
+        log.warning("the ShapesWorld models cannot be loaded either: %s", one_line(err))
+        log.debug("ShapesWorld models", exc_info=True)
+        commands = "\n".join(str(c) for c in cfg.shapes.commands)
+        return Models(
+            notice=(
+                f"**No models loaded.** {notice} Nor the ShapesWorld models: {_reason(err)}. "
+                f'Pass your own weights (e.g. `editor.source=...`; README, "Pretrained weights") '
+                f"or make the ShapesWorld ones:\n\n```bash\n{commands}\n```"
+            )
+        )
+    log.info("using the ShapesWorld models")
+    notice += " Using the ShapesWorld models instead (64 px shapes; try the examples below)."
+    examples = shapes_examples(cfg.shapes.examples_dir, int(cfg.shapes.num_examples))
+    return Models(editor, aligner, "ShapesWorld", notice, examples)
+
+
+def shapes_examples(root: str | os.PathLike, n: int) -> list[list[str]]:
+    """[image path, entity, text] for the first `n` ShapesWorld test images: each image's first
+    entity, recoloured ("circle" -> "a blue circle"); [] when there is no ShapesWorld at `root`."""
+    from semani.data.base import load_filenames
+    from semani.data.shapes import COLORS
+
+    root = Path(root)
+    try:
+        keys = load_filenames(root / "test" / "filenames.pickle")[:n]
+        rows = []
+        for key in keys:
+            entity = json.loads((root / "entities" / f"{key}.json").read_text())["entities"][0]
+            colours = list(COLORS)
+            new = colours[(colours.index(entity["color"]) + 1) % len(colours)]
+            image = root / "CUB_200_2011" / "images" / f"{key}.png"
+            rows.append([str(image), entity["name"], f"a {new} {entity['name']}"])
+        return rows
+    except (OSError, ValueError, KeyError, IndexError) as err:
+        log.info("no ShapesWorld examples from %s: %s", root, one_line(err))
+        return []
+
+
+# ---------------------------------------------------------------------------------------------
+# one request
+
+
+def _with_selection(aligner: EntityAligner, threshold: float | None, strict: bool) -> Any:
+    """A shallow copy of `aligner` (same models) with this request's selection rule: a
+    threshold turns on threshold selection; strict makes a word below it not found."""
+    aligner = copy.copy(aligner)
+    if threshold is not None:
+        aligner.selection, aligner.threshold = "threshold", float(threshold)
+    aligner.threshold_mode = "strict" if strict else "keep_best"
+    if strict and aligner.threshold is None:
+        raise ValueError(f"strict needs a threshold: {type(aligner.scorer).__name__} has none")
+    return aligner
+
+
+def _sampler(editor: Any, steps: int | None, guidance: float | None) -> dict[str, Any]:
+    """The `steps=` / `guidance_scale=` that `editor.edit` takes (SeMani-Trans takes neither)."""
+    params = inspect.signature(editor.edit).parameters
+    given = {
+        "steps": None if steps is None else int(steps),
+        "guidance_scale": None if guidance is None else float(guidance),
+    }
+    return {k: v for k, v in given.items() if k in params and v is not None}
+
+
+def _fmt(sim: float) -> str:
+    return "n/a" if sim != sim else f"{sim:.3f}"
+
+
+def proposal_views(
+    image: Image.Image,
+    proposals: EntityProposals,
+    sims: dict[str, list[float]],
+    chosen: dict[str, list[int]],
+) -> tuple[tuple[Image.Image, list[tuple[np.ndarray, str]]], list[str], list[list[Any]]]:
+    """The annotated image (one labelled mask per proposal) and the table (headers, rows) of
+    every proposal: similarity per word, the words it was chosen for, segmenter score, area."""
+    masks = proposals.masks.cpu().numpy()  # (K, H, W) bool
+    words = list(sims)
+    annotations, rows = [], []
+    for i in range(len(proposals)):
+        mine = [w for w in words if i in chosen.get(w, [])]
+        scores = ", ".join(
+            (f"{w} " if len(words) > 1 else "") + _fmt(sims[w][i]) + (" ✓" if w in mine else "")
+            for w in words
+        )
+        label = f"#{i}: {scores}" if scores else f"#{i}"
+        annotations.append((masks[i].astype(np.float32), label))
+        rows.append(
+            [
+                f"#{i}",
+                *(round(sims[w][i], 4) if sims[w][i] == sims[w][i] else None for w in words),
+                ", ".join(mine),
+                round(float(proposals.scores[i]), 4),
+                round(100 * float(masks[i].mean()), 1),
+            ]
+        )
+    headers = [
+        "proposal",
+        *(f"similarity to {w!r}" for w in words),
+        "chosen for",
+        "segmenter score",
+        "area %",
+    ]
+    return (image, annotations), headers, rows
+
+
+def _upload_path(image: Any) -> str | None:
+    """The uploaded file's path from gradio's payload (a FileData dict) or a path."""
+    if isinstance(image, dict):
+        return image.get("path")
+    return None if image is None else str(image)
+
+
+def run_edit(
+    models: Models,
+    image: Any,
+    entity: str | None,
+    text: str | None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int | None = 0,
+    threshold: float | None = None,
+    strict: bool = False,
+) -> EditOutputs:
+    """Find the entity `entity` names in `image` (a path) and re-paint it after `text` (see the
+    module docstring); every expected failure becomes the message."""
+    if models.editor is None:
+        return EditOutputs(models.notice or "no models loaded")
+    path = _upload_path(image)
+    if not path:
+        return EditOutputs("Upload an image first.")
+    proposals, word_sims, chosen = None, {}, {}
+    source = None
+    try:
+        source = read_image(path)
+        plan = plan_edits(text or "", (entity or "").strip() or None, has_mask=False)
+        aligner = _with_selection(models.aligner, threshold, bool(strict))
+        with torch.inference_mode():
+            proposals = aligner.propose(image_to_tensor(source))
+        token_grid = getattr(models.editor, "token_grid", None)
+        edits = align_edits(aligner, source, plan, token_grid, proposals)
+    except EntityNotFoundError as err:
+        if proposals is not None:
+            word_sims[err.word] = [float("nan")] * len(proposals)
+            for i, sim in err.ranking:
+                word_sims[err.word][i] = sim
+        return _outputs(f"error: {one_line(err)}", source, proposals, word_sims, chosen)
+    except USER_ERRORS as err:
+        log.debug("request failed", exc_info=True)
+        return _outputs(f"error: {one_line(err)}", source, proposals, word_sims, chosen)
+    for e in edits:
+        word_sims[e.word] = e.result.similarities.tolist()
+        chosen.setdefault(e.word, []).extend(e.result.chosen)
+    masks = [e.result.mask.cpu().numpy() for e in edits]  # (H, W) bool each
+    seed = None if seed is None else int(seed)
+    try:
+        result = apply_edits(
+            models.editor, source, plan, masks, seed, **_sampler(models.editor, steps, guidance)
+        )
+    except USER_ERRORS as err:
+        log.debug("edit failed", exc_info=True)
+        return _outputs(f"error: {one_line(err)}", source, proposals, word_sims, chosen)
+    union = np.logical_or.reduce(masks)  # (H, W) bool
+    picked = "; ".join(
+        f"{e.word!r} -> " + ", ".join(f"#{i}" for i in e.result.chosen) for e in edits
+    )
+    out = _outputs(
+        f"Edited {len(edits)} entit{'y' if len(edits) == 1 else 'ies'} ({picked}), "
+        f"{100 * union.mean():.1f}% of the image.",
+        source,
+        proposals,
+        word_sims,
+        chosen,
+    )
+    out.mask = Image.fromarray(union.astype(np.uint8) * 255, "L")
+    out.result = result
+    return out
+
+
+def _outputs(
+    message: str,
+    source: Image.Image | None,
+    proposals: EntityProposals | None,
+    sims: dict[str, list[float]],
+    chosen: dict[str, list[int]],
+) -> EditOutputs:
+    out = EditOutputs(message)
+    if source is not None and proposals is not None:
+        out.proposals, out.headers, out.rows = proposal_views(source, proposals, sims, chosen)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the page
+
+
+def build_app(cfg: DictConfig, models: Models) -> Any:
+    """The `gr.Blocks` page on `models`; its edit is also the API endpoint "/edit" (inputs:
+    image, entity, text, steps, guidance, seed, threshold, strict)."""
+    import gradio as gr
+    import pandas as pd
+
+    editor = models.editor
+    params = inspect.signature(editor.edit).parameters if editor is not None else {}
+
+    def edit(image, entity, text, steps, guidance, seed, threshold, strict):
+        try:
+            out = run_edit(models, image, entity, text, steps, guidance, seed, threshold, strict)
+        except Exception as err:  # a bug, out of memory, ...: one line here, the traceback logged
+            log.exception("edit failed")
+            out = EditOutputs(f"error: {one_line(err)} (the traceback is in the log)")
+        colours = {
+            label: PALETTE[i % len(PALETTE)]
+            for i, (_, label) in enumerate(out.proposals[1] if out.proposals else [])
+        }
+        return (
+            out.message,
+            gr.AnnotatedImage(value=out.proposals, color_map=colours),
+            pd.DataFrame(out.rows, columns=out.headers or EMPTY_TABLE),
+            out.mask,
+            out.result,
+        )
+
+    with gr.Blocks(title="SeMani") as demo:
+        gr.Markdown(
+            "## SeMani: entity-level text-guided image manipulation\n"
+            "Name the entity to edit (the alignment phase finds it among the segmenter's "
+            "proposals) and describe what it should become. "
+            + (f"Models: **{models.kind}** ({type(editor).__name__})." if editor else "")
+        )
+        if models.notice:
+            gr.Markdown(models.notice)
+        with gr.Row():
+            with gr.Column():
+                # type="filepath", image_mode=None: the upload's own file reaches read_image
+                # (EXIF orientation, transparency on white, 16-bit), as in manipulate.py
+                image = gr.Image(
+                    label="image",
+                    type="filepath",
+                    image_mode=None,
+                    sources=["upload", "clipboard"],
+                    format="png",
+                )
+                entity = gr.Textbox(
+                    label="entity",
+                    placeholder="bird",
+                    info="the word naming the entity; empty: text is 'word: text | word: text'",
+                )
+                text = gr.Textbox(label="text", placeholder="a blue bird with a red crown")
+                with gr.Row():
+                    steps = gr.Slider(
+                        1,
+                        200,
+                        value=getattr(editor, "steps", 50) or 50,
+                        step=1,
+                        label="steps",
+                        visible="steps" in params,
+                    )
+                    guidance = gr.Slider(
+                        0.0,
+                        20.0,
+                        value=getattr(editor, "guidance_scale", 7.5),
+                        step=0.5,
+                        label="guidance",
+                        visible="guidance_scale" in params,
+                    )
+                with gr.Row():
+                    seed = gr.Number(value=cfg.get("seed", 0), precision=0, label="seed")
+                    threshold = gr.Number(
+                        value=None,
+                        label="threshold",
+                        info="empty: the scorer's rule; set: the best proposal and every other "
+                        "at or above it",
+                    )
+                    strict = gr.Checkbox(
+                        value=cfg.alignment.threshold_mode == "strict",
+                        label="strict",
+                        info="none reaches the threshold: not found",
+                    )
+                button = gr.Button("Edit", variant="primary")
+            with gr.Column():
+                message = gr.Markdown()
+                proposals = gr.AnnotatedImage(
+                    label="entity proposals: similarity to the word (✓ chosen)", format="png"
+                )
+                table = gr.Dataframe(label="proposals", interactive=False)
+        with gr.Row():
+            mask = gr.Image(label="chosen mask (white = edited)", format="png", interactive=False)
+            result = gr.Image(label="result", format="png", interactive=False)
+        if models.examples:
+            gr.Examples(
+                models.examples, inputs=[image, entity, text], label="ShapesWorld test images"
+            )
+        # preprocess=False: the image arrives as gradio's file payload, so an unreadable upload
+        # is read_image's message, not gradio's generic error (the upload is still checked)
+        button.click(
+            edit,
+            inputs=[image, entity, text, steps, guidance, seed, threshold, strict],
+            outputs=[message, proposals, table, mask, result],
+            api_name="edit",
+            preprocess=False,
+        )
+    return demo
+
+
+def launch(cfg: DictConfig, **kwargs: Any) -> Any:
+    """Load the models, build the page and serve it (`cfg.server_name`, `server_port`,
+    `share`; `kwargs` go to `gr.Blocks.launch`, e.g. `prevent_thread_lock=True`)."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise SystemExit('error: the app needs gradio: pip install -e ".[app]"') from None
+    extras(cfg)
+    models = load_models(cfg)
+    demo = build_app(cfg, models)
+    demo.launch(
+        server_name=cfg.server_name, server_port=cfg.server_port, share=cfg.share, **kwargs
+    )
+    return demo
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="app")
+def main(cfg: DictConfig) -> None:
+    """`python -m semani.app [overrides]`: serve the app until interrupted."""
+    launch(cfg)
+
+
+if __name__ == "__main__":
+    main()
