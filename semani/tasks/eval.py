@@ -53,13 +53,14 @@ USAGE = (
 )
 
 
-PROTOCOLS = ("checkpoint", "alignment")
+PROTOCOLS = ("checkpoint", "alignment", "table1")
 
 
 def main(cfg: DictConfig) -> dict[str, float]:
     """Entry point for ``eval.py``: ``protocol=checkpoint`` (the default) tests ``ckpt_path``
     (missing or absent: one line and a non-zero exit); ``protocol=alignment`` runs the alignment
-    study (`semani.tasks.alignment_study`)."""
+    study (`semani.tasks.alignment_study`); ``protocol=table1`` the paper's Table-I protocol
+    (`semani.tasks.table1`, experiment=eval_<method>_<dataset>)."""
     protocol = cfg.get("protocol", "checkpoint")
     if protocol not in PROTOCOLS:
         raise SystemExit(f"error: unknown protocol={protocol!r}; use one of {PROTOCOLS}")
@@ -68,6 +69,11 @@ def main(cfg: DictConfig) -> dict[str, float]:
 
         extras(cfg)
         return alignment_study(cfg)
+    if protocol == "table1":
+        from semani.tasks.table1 import main as table1_main
+
+        extras(cfg)
+        return table1_main(cfg)
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise SystemExit(f"error: {USAGE}")
     if not Path(str(cfg.ckpt_path)).is_file():
