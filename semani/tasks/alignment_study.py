@@ -10,14 +10,13 @@ null/false, is skipped: the tuned mask prompt's entry is enabled by ``study.mask
 - ``alignment_study_per_word.csv``: the same per prompt word;
 - ``alignment_cases.csv``: every case.
 
-Each file is written to a temporary name and renamed, so a crash leaves no half-written table.
+Each file is written to a temporary name and renamed (`semani.utils.atomic`), so a crash leaves
+no half-written table.
 Returns ``{"<segmenter>/<scorer>/<prompt>/accuracy": ..., ".../miou": ..., ...}``.
 """
 
 from __future__ import annotations
 
-import csv
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from semani.alignment.segmenters import GroundTruthSegmenter
 from semani.alignment.study import markdown_table, records_as_dicts, run_study, summarize
+from semani.utils.atomic import write_csv, write_text
 from semani.utils.pylogger import get_pylogger
 
 log = get_pylogger(__name__)
@@ -79,21 +79,6 @@ def _segment_fn(seg: Any):
     return lambda image, sample: seg.segment(image)
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
 def _renamed(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [{HEADERS.get(k, k): v for k, v in r.items()} for r in rows]
 
@@ -142,11 +127,11 @@ def alignment_study(cfg: DictConfig) -> dict[str, float]:
         + markdown_table(_renamed(per_word), [HEADERS.get(c, c) for c in WORD_COLUMNS])
         + "\n"
     )
-    _write(out / "alignment_study.md", text)
-    _write_csv(out / "alignment_study.csv", rows, SUMMARY_COLUMNS)
-    _write_csv(out / "alignment_study_per_word.csv", per_word, WORD_COLUMNS)
+    write_text(out / "alignment_study.md", text)
+    write_csv(out / "alignment_study.csv", rows, SUMMARY_COLUMNS)
+    write_csv(out / "alignment_study_per_word.csv", per_word, WORD_COLUMNS)
     cases = records_as_dicts(records)
-    _write_csv(out / "alignment_cases.csv", cases, list(cases[0]) if cases else ["image"])
+    write_csv(out / "alignment_cases.csv", cases, list(cases[0]) if cases else ["image"])
     log.info("alignment study written to %s\n%s", out / "alignment_study.md", text)
     metrics = {}
     for r in rows:

@@ -1,4 +1,19 @@
-"""The evaluation task: load a checkpoint and run ``trainer.test`` on the data set's test split."""
+"""The evaluation task behind ``python eval.py``: three protocols, picked by ``protocol=``.
+
+- ``checkpoint`` (the default): `evaluate` builds ``data``, ``model``, ``callbacks``,
+  ``logger`` and ``trainer`` from the config and runs ``trainer.test`` with ``ckpt_path`` (a
+  Lightning checkpoint written by ``train.py``) on the data set's test split; returns the test
+  metrics (``test/...``). A missing ``ckpt_path`` is one line and a non-zero exit.
+- ``alignment`` (``experiment=eval_alignment_<data>``): the alignment study of every configured
+  segmenter x scorer on the test split (`semani.tasks.alignment_study`); writes its Markdown
+  and CSV tables to the run folder and returns accuracy and mIoU per combination.
+- ``table1`` (``experiment=eval_<method>_<dataset>``): the paper's Table-I protocol
+  (`semani.tasks.table1`): plan a target text per test image, mask, edit, and score IS,
+  CLIP-score, R@N and L2; writes the edited images and ``table1.md``/``.csv``/``.tex`` to the
+  run folder and returns the row's metrics (``table1/...``).
+
+`main(cfg)` dispatches; unknown protocols are an error naming the valid ones (`PROTOCOLS`).
+"""
 
 from pathlib import Path
 from typing import Any

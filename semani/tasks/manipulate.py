@@ -18,9 +18,9 @@
    a later entity. Every proposal's similarity is logged, and which were chosen.
 5. **Edit** the entities one after another, in the order of `text`, each starting from the
    previous result (the running image) and with the same `seed`.
-6. **Write** into `out`, each to a temporary name then renamed (a crash leaves no half file):
-   `edited.png`, `mask.png` (the union of the edited masks, 0/255) and `overlay.png` (the
-   input with that mask tinted red).
+6. **Write** into `out`, each to a temporary name then renamed (`semani.utils.atomic`: a crash
+   leaves no half file): `edited.png`, `mask.png` (the union of the edited masks, 0/255) and
+   `overlay.png` (the input with that mask tinted red).
 
 Steps 2-5 are functions (`plan_edits`, `build_editor`, `build_aligner`, `align_edits`,
 `apply_edits`) that the Gradio app (`python -m semani.app`) reuses.
@@ -55,6 +55,7 @@ from semani.manipulation.diff_editor import (
     prepare_inputs,
     resize_bilinear,
 )
+from semani.utils.atomic import save_image
 from semani.utils.checkpoint import CheckpointMismatchError
 from semani.utils.image_io import read_image, read_mask
 from semani.utils.masks import mask_to_token_mask
@@ -69,6 +70,7 @@ __all__ = [
     "apply_edits",
     "build_aligner",
     "build_editor",
+    "instantiate_unwrapped",
     "main",
     "manipulate",
     "one_line",
@@ -202,8 +204,11 @@ def plan_edits(text: str, entity: str | None, has_mask: bool) -> list[tuple[str 
     return list(parse_entity_edits(text))
 
 
-def _instantiate(cfg: DictConfig, **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate`, raising the constructor's own error (not Hydra's wrapper)."""
+def instantiate_unwrapped(cfg: DictConfig, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate(cfg, **kwargs)`, but a failing constructor raises its own error
+    (e.g. `FileNotFoundError` for missing weights, `ValueError` for a bad option) instead of
+    Hydra's `InstantiationException` wrapper, so `main` can print it as one line (`one_line`)
+    and callers can catch it by type (`USER_ERRORS`)."""
     try:
         return hydra.utils.instantiate(cfg, **kwargs)
     except InstantiationException as err:
@@ -214,14 +219,14 @@ def _instantiate(cfg: DictConfig, **kwargs: Any) -> Any:
 
 def build_editor(cfg: DictConfig) -> Any:
     """The editor of `cfg.editor` (`configs/editor/`; its constructor's own errors)."""
-    editor = _instantiate(cfg)
+    editor = instantiate_unwrapped(cfg)
     log.info("editor: %s", type(editor).__name__)
     return editor
 
 
 def build_aligner(cfg: DictConfig) -> EntityAligner:
     """The aligner of `cfg.alignment` (segmenter via `build_segmenter`: its own errors)."""
-    aligner = _instantiate(cfg, segmenter=None)
+    aligner = instantiate_unwrapped(cfg, segmenter=None)
     aligner.segmenter = build_segmenter(cfg.segmenter)
     return aligner
 
@@ -289,16 +294,6 @@ def overlay(image: Image.Image, mask: np.ndarray) -> Image.Image:
     return Image.fromarray(arr.round().clip(0, 255).astype(np.uint8))
 
 
-def _save(image: Image.Image, path: Path) -> None:
-    """Write a PNG atomically: a temporary name in the same folder, then `os.replace`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _check_required(cfg: DictConfig) -> None:
     missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
     if missing:
@@ -346,9 +341,9 @@ def manipulate(cfg: DictConfig) -> dict[str, Any]:
 
     union = np.logical_or.reduce(masks)  # (H, W) bool
     paths = {name: out / name for name in OUTPUTS}
-    _save(running, paths["edited.png"])
-    _save(Image.fromarray(union.astype(np.uint8) * 255, "L"), paths["mask.png"])
-    _save(overlay(image, union), paths["overlay.png"])
+    save_image(paths["edited.png"], running)
+    save_image(paths["mask.png"], Image.fromarray(union.astype(np.uint8) * 255, "L"))
+    save_image(paths["overlay.png"], overlay(image, union))
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return {"outputs": {k: str(v) for k, v in paths.items()}, "edits": report}
 

@@ -16,7 +16,7 @@ For each test image, in a seeded order (`table1.seed`), the first `table1.max_im
    L2 between each image and its own-caption edit.
 
 The run folder (``table1.out_dir``, default this run's output folder) holds, each file written
-to a temporary name then renamed as soon as it is made::
+to a temporary name then renamed (`semani.utils.atomic`) as soon as it is made::
 
     images/<key>.png        the target-text edit (<key>: the data set's key, e.g.
                             001.Black_footed_Albatross/Black_Footed_Albatross_0046_18)
@@ -53,17 +53,16 @@ from PIL import Image, ImageDraw
 
 from semani.alignment.segmenters import GroundTruthSegmenter
 from semani.alignment.types import EntityNotFoundError
-from semani.tasks.alignment_study import _write, _write_csv
 from semani.tasks.manipulate import (
     USER_ERRORS,
-    _instantiate,
-    _save,
     build_aligner,
     build_editor,
+    instantiate_unwrapped,
     one_line,
     overlay,
 )
 from semani.tasks.table1_words import COCO_WORDS, pick_word
+from semani.utils.atomic import save_image, write_csv, write_text
 from semani.utils.masks import mask_to_token_mask
 from semani.utils.pylogger import get_pylogger
 from semani.utils.tables import TABLE1_COLUMNS, latex_row_table, markdown_row_table
@@ -163,12 +162,12 @@ def _read_rgb(path: Path, size: tuple[int, int]) -> np.ndarray:
 
 def _save_png(array: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _save(Image.fromarray(array), path)
+    save_image(path, Image.fromarray(array))
 
 
 def _write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write(path, json.dumps(obj, indent=1))
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -291,12 +290,12 @@ def make_grid(rows: Sequence[tuple], tile: int = 128) -> Image.Image:
 
 
 def _write_outputs(out: Path, row: dict, grid: Image.Image | None) -> None:
-    _write(out / "table1.md", f"# Table I: {row['method']} on {row['dataset']}\n\n"
-           + markdown_row_table([row]))  # fmt: skip
-    _write_csv(out / "table1.csv", [row], TABLE1_COLUMNS)
-    _write(out / "table1.tex", latex_row_table([row]))
+    title = f"# Table I: {row['method']} on {row['dataset']}\n\n"
+    write_text(out / "table1.md", title + markdown_row_table([row]))
+    write_csv(out / "table1.csv", [row], TABLE1_COLUMNS)
+    write_text(out / "table1.tex", latex_row_table([row]))
     if grid is not None:
-        _save(grid, out / "grid.png")
+        save_image(out / "grid.png", grid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +359,7 @@ def _run(
     cfg_t = cfg.table1
     if cfg.get("seed") is not None:
         torch.manual_seed(int(cfg.seed))  # untrained parts (tests)
-    datamodule = _instantiate(cfg.data)
+    datamodule = instantiate_unwrapped(cfg.data)
     datamodule.setup("test")
     ds = datamodule.data_test
     if not hasattr(ds, "captions"):
@@ -376,12 +375,12 @@ def _run(
     out = Path(out[0])
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        _write_csv(out / "plan.csv", [asdict(c) for c in cases], PLAN_COLUMNS)
+        write_csv(out / "plan.csv", [asdict(c) for c in cases], PLAN_COLUMNS)
     files = RunFiles(Path(str(cfg_t.predictions_dir)) if predictions else out / "images")
     if predictions:
         _check_predictions(files, cases, bool(cfg_t.l2), out / "plan.csv")
     pool = [c for caps in ds.captions for c in caps]
-    metrics = _instantiate(cfg.metrics)(caption_pool=pool).to(device)
+    metrics = instantiate_unwrapped(cfg.metrics)(caption_pool=pool).to(device)
     parts: dict[str, Any] = {"editor": None, "aligner": None}
     if not predictions:
         parts["editor"] = build_editor(cfg.editor)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from semani.metrics.paper_table1 import PAPER_DATASETS, PAPER_METHODS, PAPER_TABLE1
+from semani.utils.atomic import write_text
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         raise SystemExit(f"error: {err}") from None
     text = (merged_latex if args.latex else merged_markdown)(datasets, lines)
     if args.out is not None:
-        args.out.write_text(text)
+        write_text(args.out, text)
         log.info("wrote %s", args.out)
     else:
         sys.stdout.write(text)

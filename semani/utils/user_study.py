@@ -38,10 +38,8 @@ import json
 import math
 import os
 import random
-import shutil
 import statistics
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +47,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from semani.utils.atomic import atomic_dir, write_csv, write_text
 from semani.utils.image_io import read_image
 from semani.utils.pylogger import get_pylogger
 
@@ -227,9 +226,7 @@ def make_study(
         text = _text_for(text_map, files[names[0]][stem], input_files[stem])
         plan.append((f"case{i:0{width}d}", stem, text, dict(zip(labels, order))))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:  # a crash leaves no half questionnaire
         (tmp / "images").mkdir()
         for case, stem, _, options in plan:
             _save_png(input_files[stem], tmp / "images" / f"{case}_input.png")
@@ -251,27 +248,12 @@ def make_study(
             "files": {c: files[names[0]][s].name for c, s, _, _ in plan},
         }
         (tmp / "key.json").write_text(json.dumps(key, indent=1) + "\n", encoding="utf-8")
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info(
         "wrote a questionnaire of %d case(s) x %d method(s) x %d question(s) to %s "
         "(share index.html and images/, keep key.json)",
         n_cases, len(names), len(questions), out,
     )  # fmt: skip
     return out
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move `tmp` to `out`; an existing `out` is first renamed aside, then deleted."""
-    if not out.exists() and not out.is_symlink():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.replace(out, old / "x")
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 _CSS = """body{font-family:sans-serif;max-width:70em;margin:auto;padding:1em}
@@ -507,12 +489,14 @@ def markdown_table(scores: Sequence[MethodScore], digits: int = 2) -> str:
 
 
 def write_scores_csv(scores: Sequence[MethodScore], path: str | os.PathLike) -> None:
-    """One row per method and question: method, question, mean_rank, n, se."""
-    with Path(path).open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["method", "question", "mean_rank", "n", "se"])
-        for s in scores:
-            w.writerow([s.method, s.question, f"{s.mean_rank:.6g}", s.n, f"{s.se:.6g}"])
+    """One row per method and question: method, question, mean_rank, n, se (written
+    atomically)."""
+    rows = [
+        {"method": s.method, "question": s.question, "mean_rank": f"{s.mean_rank:.6g}",
+         "n": s.n, "se": f"{s.se:.6g}"}
+        for s in scores
+    ]  # fmt: skip
+    write_csv(path, rows, ("method", "question", "mean_rank", "n", "se"))
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -562,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.out is not None and args.out.suffix.lower() == ".csv":
             write_scores_csv(scores, args.out)
         elif args.out is not None:
-            args.out.write_text(table, encoding="utf-8")
+            write_text(args.out, table)
         return 0
     except (UserStudyError, OSError) as err:
         log.error("%s", err)
