@@ -29,6 +29,7 @@ from torch import Tensor
 
 from semani.loading import check_overrides, export_dir, name_checkpoint, register_model
 from semani.modules.diffusion_parts import tiny_vae
+from semani.utils.atomic import atomic_dir
 from semani.utils.checkpoint import (
     CheckpointMismatchError,
     get_state_dict,
@@ -186,13 +187,9 @@ class VAEModule(pl.LightningModule):
         loader = self.trainer.datamodule.train_dataloader()
         std = self.latent_std(loader, self.hparams.scale_batches)
         self.vae.register_to_config(scaling_factor=1.0 / std)
-        tmp = folder.with_name(folder.name + ".tmp")
-        self.vae.save_pretrained(tmp)
-        if folder.exists():
-            import shutil
-
-            shutil.rmtree(folder)
-        tmp.rename(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(folder) as tmp:
+            self.vae.save_pretrained(tmp)
         log.info("VAE written to %s (latent std %.3f -> scaling factor %.4f)", folder, std,
                  1.0 / std)  # fmt: skip
 
