@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 SHAPES ?= data/shapes
 
-.PHONY: install test test-all quickstart lint format bench clean
+.PHONY: install test test-all quickstart lint format bench clean shapes-models
 
 # The venv is (re)built when pyproject.toml changes. torch comes first, pinned, from the local
 # wheel cache (see README, "Install"); then the package with its dev and app (gradio, ~30 s)
@@ -63,3 +63,11 @@ bench: install
 
 clean:
 	rm -rf .pytest_cache .ruff_cache outputs multirun
+
+# Every ShapesWorld model in dependency order, each export installed under pretrained/ where the
+# eval and app configs read it (scripts/shapes_models.py; hours on CPU; rerun to resume).
+# SHAPES_MODELS_ARGS, e.g. "--dry-run", "--only clip_shapes,mask_prompt_shapes",
+# "--steps-scale 0.01 --pretrained-dir /tmp/smoke/pretrained --logs-dir /tmp/smoke/logs".
+SHAPES_MODELS_ARGS ?=
+shapes-models: install
+	OMP_NUM_THREADS=1 $(PY) scripts/shapes_models.py --data $(SHAPES) $(SHAPES_MODELS_ARGS)
