@@ -1,5 +1,5 @@
-"""experiment=entityseg_shapes: composes, runs fast_dev_run, exports a folder the mask2former
-segmenter loads, and the module's loss and recall behave on a tiny model."""
+"""experiment=entityseg_shapes: composes, runs fast_dev_run (no export), exports after a real
+run a folder the mask2former segmenter loads, and the module's loss and recall behave on a tiny model."""
 
 from __future__ import annotations
 
@@ -39,6 +39,17 @@ def test_entityseg_shapes_fast_dev_run_and_export(shapes_root: Path, tmp_path: P
     assert objects["trainer"].fast_dev_run
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert 0.0 <= metrics["val/recall@0.5"] <= 1.0
+    assert not export.exists()  # a smoke run never overwrites an installed segmenter
+    export.mkdir()
+    (export / "stale.txt").write_text("from an earlier install")
+    cfg = compose(
+        "train",
+        [*TINY, f"data.root={shapes_root}", "trainer.max_steps=1", "trainer.limit_val_batches=1",
+         f"model.export_dir={export}"],
+        tmp_path / "run2",
+    )  # fmt: skip
+    metrics, objects = train(cfg)
+    assert not (export / "stale.txt").exists()  # replaced whole
     # the exported folder is a model_name_or_path of the mask2former segmenter
     from semani.alignment.segmenters import build_segmenter
     from semani.data.shapes import ShapesWorldDataset

@@ -29,6 +29,8 @@ from torch import Tensor
 
 from semani.alignment.segmenters.common import proposal_recall
 from semani.alignment.segmenters.mask2former import panoptic_proposals
+from semani.loading import export_dir
+from semani.utils.atomic import atomic_dir
 from semani.utils.checkpoint import plain_hparams
 from semani.utils.lr_schedule import optimizer_config
 
@@ -186,15 +188,17 @@ class EntitySegModule(pl.LightningModule):
         """Write the model and its image processor with ``save_pretrained`` (the segmenter's
         ``model_name_or_path``)."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(folder)
-        self.processor.save_pretrained(folder)
+        with atomic_dir(folder) as tmp:  # an installed segmenter is replaced whole or not at all
+            self.model.save_pretrained(tmp)
+            self.processor.save_pretrained(tmp)
         log.info("exported the entity segmenter to %s (alignment/segmenter=mask2former)", folder)
         return folder
 
     def on_fit_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            self.export(self.hparams.export_dir)
+        """Export to `export_dir` (an absolute path, or one under the run folder); not in a
+        fast_dev_run (`debug=fdr` must not overwrite an installed segmenter)."""
+        if export_dir(self) is not None:
+            self.export(Path(self.trainer.default_root_dir) / self.hparams.export_dir)
 
 
 def _colour_masks(masks: Tensor) -> Tensor:
