@@ -73,6 +73,25 @@ def test_entity_crops_descriptions_and_mixing(shapes_root: Path) -> None:
         EntityCropDataset(base, crop_prob=1.5)
 
 
+def test_entity_crops_in_place_keep_the_entity_where_it_is(shapes_root: Path) -> None:
+    base = ShapesWorldDataset(shapes_root, "train", 64, 40, deterministic=True)
+    crops = EntityCropDataset(base, in_place_prob=1.0, deterministic=False)
+    torch.manual_seed(0)
+    sample = crops[3]
+    mask = sample["crop_mask"] > 0.5  # (64, 64): one of image 3's entity masks, not resized
+    whole = base[3]
+    k = [i for i, m in enumerate(whole["entity_masks"] > 0.5) if torch.equal(m, mask)]
+    assert len(k) == 1, "the crop mask is one entity's own mask at its own place"
+    assert sample["caption"] == f"a photo of a {whole['entity_names'][k[0]]}."
+    assert torch.equal(sample["image"][:, mask], whole["image"][:, mask])  # the entity as it is
+    outside = sample["image"][:, ~mask]  # every other pixel is the fill colour
+    assert torch.allclose(outside, crops.fill.view(3, 1).expand_as(outside))
+    evaluation = EntityCropDataset(base, in_place_prob=1.0)  # deterministic: boxes as before
+    assert not torch.equal(evaluation[3]["crop_mask"], sample["crop_mask"])
+    with pytest.raises(ValueError, match="in_place_prob"):
+        EntityCropDataset(base, in_place_prob=-0.1)
+
+
 def test_entity_crops_need_entities(tmp_path: Path, shapes_root: Path) -> None:
     cub = CUBDataset.__new__(CUBDataset)  # a reader without entity masks
     with pytest.raises(NoEntitiesError, match="shapes"):

@@ -14,6 +14,11 @@ next image is served. ``crop_prob`` < 1 mixes: with probability ``1 - crop_prob`
 sample (the whole image and its own caption) is served instead; then only the keys common to
 both kinds are kept (``image``, ``caption``, ``tokens``, ``index``).
 
+``in_place_prob`` > 0: with that probability (training only) the entity is not cut out but kept
+where it is, at its own scale, with every other pixel set to the fill colour: the whole image
+holds one entity. A CLIP trained on such samples learns patch tokens for the entity's shape at
+the scale it has in whole scenes, which the token-wise scorer compares with the word.
+
 A crop sample: ``image`` (3, S, S) in [-1, 1], ``crop_mask`` (S, S) float {0, 1}, ``caption``,
 ``tokens`` (L,), ``entity_name`` str, ``index`` (the image's).
 """
@@ -50,6 +55,8 @@ class EntityCropDataset(Dataset):
             name, where ``base`` has ``entity_descriptions(i)``.
         fill: background colour, RGB in [0, 1] (the CLIP mean colour by default).
         square: pad the box to a square before resizing (the paper) instead of stretching it.
+        in_place_prob: probability that a crop keeps the entity in place in the whole image
+            (the rest filled) instead of cutting out its box; training only.
         deterministic: default: ``base.deterministic``.
     """
 
@@ -61,11 +68,13 @@ class EntityCropDataset(Dataset):
         describe_prob: float = 0.0,
         fill: tuple[float, float, float] = OPENAI_DATASET_MEAN,
         square: bool = False,
+        in_place_prob: float = 0.0,
         deterministic: bool | None = None,
     ) -> None:
-        if not 0.0 <= crop_prob <= 1.0 or not 0.0 <= describe_prob <= 1.0:
-            raise ValueError(f"crop_prob and describe_prob must be in [0, 1], got "
-                             f"{crop_prob}, {describe_prob}")  # fmt: skip
+        for arg, p in (("crop_prob", crop_prob), ("describe_prob", describe_prob),
+                       ("in_place_prob", in_place_prob)):  # fmt: skip
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{arg} must be in [0, 1], got {p}")
         if "{word}" not in template:
             raise ValueError(f"template must contain '{{word}}', got {template!r}")
         if type(base).load_entities is CaptionImageDataset.load_entities:
@@ -79,6 +88,7 @@ class EntityCropDataset(Dataset):
         self.describe_prob = float(describe_prob)
         self.fill = 2 * torch.tensor(list(fill), dtype=torch.float32) - 1  # (3,) in [-1, 1]
         self.square = square
+        self.in_place_prob = float(in_place_prob)
         self.deterministic = base.deterministic if deterministic is None else deterministic
         self.tokenizer = base.tokenizer
         size = base.image_size
@@ -117,9 +127,14 @@ class EntityCropDataset(Dataset):
             k = nonempty[index % len(nonempty)]
         else:
             k = nonempty[int(torch.randint(len(nonempty), ()))]
-        crop, crop_mask, _ = masked_crops(
-            sample["image"], masks[k : k + 1] > 0.5, self.size, self.fill, square=self.square
-        )  # (1, 3, S, S), (1, S, S)
+        if self._coin(self.in_place_prob) and not self.deterministic:
+            crop_mask = (masks[k : k + 1] > 0.5).to(sample["image"].dtype)  # (1, S, S)
+            fill = self.fill.view(3, 1, 1)
+            crop = (sample["image"] * crop_mask + fill * (1 - crop_mask))[None]  # (1, 3, S, S)
+        else:
+            crop, crop_mask, _ = masked_crops(
+                sample["image"], masks[k : k + 1] > 0.5, self.size, self.fill, square=self.square
+            )  # (1, 3, S, S), (1, S, S)
         name = sample["entity_names"][k]
         word = name
         describe = getattr(self.base, "entity_descriptions", None)
