@@ -21,7 +21,12 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from semani.utils.checkpoint import CheckpointMismatchError, load_checkpoint
+from semani.utils.checkpoint import (
+    CheckpointMismatchError,
+    get_state_dict,
+    load_checkpoint,
+    load_state_dict_strict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +36,9 @@ __all__ = [
     "load_model",
     "model_class_name",
     "name_checkpoint",
+    "rebuild_strict",
     "register_model",
+    "register_simple_model",
 ]
 
 MODEL_KEY = "semani_model"  # the checkpoint entry naming the class that wrote it
@@ -65,6 +72,38 @@ def export_dir(module: pl.LightningModule) -> Path | None:
     if not folder or trainer.fast_dev_run or not trainer.is_global_zero:
         return None
     return Path(trainer.default_root_dir) / folder
+
+
+def rebuild_strict(
+    cls: type[pl.LightningModule],
+    checkpoint: Mapping[str, Any],
+    source: str,
+    marker: str,
+    **overrides: Any,
+) -> pl.LightningModule:
+    """A checkpoint already read -> `cls(**its hyper-parameters, **overrides)` with its weights
+    loaded strictly. `marker`: a hyper-parameter every checkpoint of `cls` has (anything else is
+    a `CheckpointMismatchError` naming the file)."""
+    hp = checkpoint.get("hyper_parameters")
+    if not isinstance(hp, Mapping) or marker not in hp:
+        raise CheckpointMismatchError(
+            f"checkpoint '{source}' is not a {cls.__name__} checkpoint (its hyper_parameters "
+            f"have no {marker!r})"
+        )
+    check_overrides(cls, overrides)
+    model = cls(**{**dict(hp), **overrides})
+    state = get_state_dict(checkpoint, source)
+    load_state_dict_strict(model, state, source, expected=f"a {cls.__name__}")
+    return model
+
+
+def register_simple_model(cls: type[pl.LightningModule], marker: str) -> None:
+    """Make `load_model` open `cls`'s checkpoints with `rebuild_strict(cls, ..., marker)`."""
+
+    def loader(ckpt: dict[str, Any], source: str, **overrides: Any) -> pl.LightningModule:
+        return rebuild_strict(cls, ckpt, source, marker, **overrides)
+
+    register_model(f"{cls.__module__}.{cls.__qualname__}", loader)
 
 
 def register_model(name: str, loader: Loader) -> None:

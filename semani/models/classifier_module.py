@@ -22,13 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from semani.loading import check_overrides, export_dir, name_checkpoint, register_model
+from semani.loading import export_dir, name_checkpoint, rebuild_strict, register_simple_model
 from semani.metrics.shapes_classifier import ShapesClassifier, class_from_key
-from semani.utils.checkpoint import (
-    CheckpointMismatchError,
-    get_state_dict,
-    load_state_dict_strict,
-)
 from semani.utils.lr_schedule import cosine_warmup_config
 
 log = logging.getLogger(__name__)
@@ -168,21 +163,7 @@ class ClassifierModule(pl.LightningModule):
         cls, checkpoint: Mapping[str, Any], source: str, **overrides: Any
     ) -> ClassifierModule:
         """A checkpoint already read -> a new module, loaded strictly."""
-        hp = checkpoint.get("hyper_parameters")
-        if not isinstance(hp, Mapping) or "num_classes" not in hp:
-            raise CheckpointMismatchError(
-                f"checkpoint '{source}' is not a ClassifierModule checkpoint"
-            )
-        check_overrides(cls, overrides)
-        model = cls(**{**dict(hp), **overrides})
-        load_state_dict_strict(
-            model, get_state_dict(checkpoint, source), source, expected="a ClassifierModule"
-        )
-        return model
+        return rebuild_strict(cls, checkpoint, source, "num_classes", **overrides)
 
 
-def _load(ckpt: dict[str, Any], source: str, **overrides: Any) -> ClassifierModule:
-    return ClassifierModule.from_checkpoint_dict(ckpt, source, **overrides)
-
-
-register_model(f"{__name__}.ClassifierModule", _load)
+register_simple_model(ClassifierModule, "num_classes")

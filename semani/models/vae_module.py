@@ -27,15 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from semani.loading import check_overrides, export_dir, name_checkpoint, register_model
+from semani.loading import export_dir, name_checkpoint, rebuild_strict, register_simple_model
 from semani.modules.diffusion_parts import tiny_vae
 from semani.utils.atomic import atomic_dir
-from semani.utils.checkpoint import (
-    CheckpointMismatchError,
-    get_state_dict,
-    load_state_dict_strict,
-    plain_hparams,
-)
+from semani.utils.checkpoint import plain_hparams
 from semani.utils.lr_schedule import cosine_warmup_config
 
 log = logging.getLogger(__name__)
@@ -201,19 +196,7 @@ class VAEModule(pl.LightningModule):
         cls, checkpoint: Mapping[str, Any], source: str, **overrides: Any
     ) -> VAEModule:
         """A checkpoint already read -> a new module, loaded strictly."""
-        hp = checkpoint.get("hyper_parameters")
-        if not isinstance(hp, Mapping) or "kl_weight" not in hp:
-            raise CheckpointMismatchError(f"checkpoint '{source}' is not a VAEModule checkpoint")
-        check_overrides(cls, overrides)
-        model = cls(**{**dict(hp), **overrides})
-        load_state_dict_strict(
-            model, get_state_dict(checkpoint, source), source, expected="a VAEModule"
-        )
-        return model
+        return rebuild_strict(cls, checkpoint, source, "kl_weight", **overrides)
 
 
-def _load(ckpt: dict[str, Any], source: str, **overrides: Any) -> VAEModule:
-    return VAEModule.from_checkpoint_dict(ckpt, source, **overrides)
-
-
-register_model(f"{__name__}.VAEModule", _load)
+register_simple_model(VAEModule, "kl_weight")
