@@ -1,5 +1,6 @@
 """experiment=entityseg_shapes: composes, runs fast_dev_run (no export), exports after a real
-run a folder the mask2former segmenter loads, and the module's loss and recall behave on a tiny model."""
+run a folder the mask2former segmenter loads, and the module's loss and recall behave on a
+tiny model."""
 
 from __future__ import annotations
 
