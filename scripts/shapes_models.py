@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from semani.utils.atomic import replace_dir
+
 log = logging.getLogger("shapes_models")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,10 +162,7 @@ def install(src: Path, dest: Path) -> None:
         else:
             shutil.copyfile(src, tmp)
         if dest.is_dir() and not dest.is_symlink():  # a folder cannot be renamed over another
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old)
+            replace_dir(tmp, dest)
         else:
             os.replace(tmp, dest)
     finally:

@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,6 +62,7 @@ from semani.modules.diffusion_parts import (
     load_inpaint_components,
     tiny_inpaint_components,
 )
+from semani.utils.atomic import atomic_dir
 from semani.utils.checkpoint import (
     CheckpointMismatchError,
     get_state_dict,
@@ -570,24 +570,14 @@ class SemaniDiffModule(pl.LightningModule):
         from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
 
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         scheduler = DDIMScheduler.from_config(self.export_scheduler_config())
-        with self.ema_weights():
+        with self.ema_weights(), atomic_dir(folder) as tmp:
             pipe = StableDiffusionInpaintPipeline(
                 vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
                 unet=self.unet, scheduler=scheduler, safety_checker=None,
                 feature_extractor=None, requires_safety_checker=False,
             )  # fmt: skip
             pipe.save_pretrained(tmp)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
         log.info("SeMani-Diff pipeline written to %s%s", folder, " (EMA weights)" * bool(self.ema))
         return folder
 
