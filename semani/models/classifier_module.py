@@ -24,7 +24,7 @@ from torch import Tensor
 
 from semani.loading import export_dir, name_checkpoint, rebuild_strict, register_simple_model
 from semani.metrics.shapes_classifier import ShapesClassifier, class_from_key
-from semani.utils.lr_schedule import cosine_warmup_config
+from semani.utils.lr_schedule import cosine_warmup_config, decay_groups
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +132,7 @@ class ClassifierModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (decay on >=2-D weights only) with warm-up + cosine per step."""
         hp = self.hparams
-        decay = [p for p in self.net.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.net.parameters() if p.ndim < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr,
-        )  # fmt: skip
+        opt = torch.optim.AdamW(decay_groups(self.net.parameters(), hp.weight_decay), lr=hp.lr)
         return cosine_warmup_config(
             opt, self.trainer.estimated_stepping_batches, hp.warmup_steps, hp.min_lr_ratio
         )

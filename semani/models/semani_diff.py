@@ -69,7 +69,7 @@ from semani.utils.checkpoint import (
     load_state_dict_strict,
     plain_hparams,
 )
-from semani.utils.lr_schedule import cosine_warmup_config
+from semani.utils.lr_schedule import cosine_warmup_config, decay_groups
 
 log = logging.getLogger(__name__)
 
@@ -498,12 +498,10 @@ class SemaniDiffModule(pl.LightningModule):
         """AdamW (or AdamW8bit) on the trained parameters, warm-up then cosine or constant."""
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
         cls = adamw_8bit() if hp.use_8bit_adam else torch.optim.AdamW
-        opt = cls(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        opt = cls(
+            decay_groups(params, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps
+        )
         total = None if hp.lr_schedule == "constant" else self.trainer.estimated_stepping_batches
         return cosine_warmup_config(
             opt, total, hp.warmup_steps, hp.min_lr_ratio, schedule=hp.lr_schedule

@@ -31,7 +31,7 @@ from semani.loading import export_dir, name_checkpoint, rebuild_strict, register
 from semani.modules.diffusion_parts import tiny_vae
 from semani.utils.atomic import atomic_dir
 from semani.utils.checkpoint import plain_hparams
-from semani.utils.lr_schedule import cosine_warmup_config
+from semani.utils.lr_schedule import cosine_warmup_config, decay_groups
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +92,8 @@ class VAEModule(pl.LightningModule):
             )
         if rec_loss not in REC_LOSSES:
             raise ValueError(f"unknown rec_loss {rec_loss!r}: use one of {REC_LOSSES}")
-        tiny = plain_hparams(tiny)
-        self.save_hyperparameters({"tiny": tiny, "source": source, "rec_loss": rec_loss,
-                                   "kl_weight": kl_weight, "lr": lr,
-                                   "weight_decay": weight_decay, "warmup_steps": warmup_steps,
-                                   "min_lr_ratio": min_lr_ratio, "scale_batches": scale_batches,
-                                   "export_dir": export_dir})  # fmt: skip
+        tiny = plain_hparams(tiny)  # plain values: checkpoints load weights-only
+        self.save_hyperparameters()
         self.vae = tiny_vae(**tiny) if tiny is not None else load_vae(source)
         n = sum(p.numel() for p in self.vae.parameters())
         log.info("VAEModule: %.2fM parameters, latent factor %d", n / 1e6, self.factor)
@@ -141,12 +137,7 @@ class VAEModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        params = list(self.vae.parameters())
-        opt = torch.optim.AdamW(
-            [{"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
-             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-            lr=hp.lr,
-        )  # fmt: skip
+        opt = torch.optim.AdamW(decay_groups(self.vae.parameters(), hp.weight_decay), lr=hp.lr)
         return cosine_warmup_config(
             opt, self.trainer.estimated_stepping_batches, hp.warmup_steps, hp.min_lr_ratio
         )

@@ -23,8 +23,10 @@ trainer's last step (or constant), per step.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from transformers import (
@@ -33,6 +35,7 @@ from transformers import (
 )
 
 __all__ = [
+    "decay_groups",
     "LinearWarmup",
     "cosine_warmup_config",
     "PlateauAfterWarmup",
@@ -158,6 +161,16 @@ def optimizer_config(optimizer: Optimizer, scheduler_factory: Any) -> Any:
     if not isinstance(schedulers, (list, tuple)):
         schedulers = [schedulers]
     return [optimizer], list(schedulers)
+
+
+def decay_groups(params: Iterable[Tensor], weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: weight decay on matrices and kernels (>= 2-D) only, none on
+    biases, norms and embeddings' 1-D scales (the usual AdamW rule)."""
+    params = list(params)
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
 
 
 def cosine_warmup_config(
