@@ -94,7 +94,8 @@ STAGES: tuple[Stage, ...] = (
     # the VAE stage's latent space stays fixed (no joint training) with its own scaling factor
     Stage("semani_diff_shapes", "diffusers", "semani_diff_shapes",
           inputs=(("model.vae", "vae_shapes"),),
-          extra=("model.vae_scaling_factor=null", "model.train_vae=false"),
+          extra=("model.vae_scaling_factor=null", "model.train_vae=false",
+                 "model.cache_latents=true"),
           consumers=(("eval", "eval_semani_diff_shapes", "editor.source"),
                      ("app", None, "shapes.editor.source"))),
 )  # fmt: skip

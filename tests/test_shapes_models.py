@@ -75,6 +75,7 @@ def test_dry_run_lists_stages_in_dependency_order(tmp_path: Path, capsys) -> Non
     assert _arg(diff, "model.vae") == str(pre / "vae_shapes")
     assert _arg(diff, "model.vae_scaling_factor") == "null"
     assert _arg(diff, "model.train_vae") == "false"
+    assert _arg(diff, "model.cache_latents") == "true"  # a frozen VAE: encode each image once
     seg = _arg(cmds["entityseg_shapes"], "model.export_dir")
     assert seg == str(logs / "entityseg_shapes/entityseg_hf")  # not straight into pretrained/
     # --steps-scale 0.01 of each experiment's max_steps; mask_prompt_shapes is 5 epochs of 31
