@@ -166,6 +166,64 @@ def test_overfits_eight_pairs(shapes_root: Path, loss: str) -> None:
     assert losses[-1] < 0.6 * losses[0], losses  # ln(8) = 2.08 -> about 0.7-1.0
 
 
+def test_entity_word_scores_equal_the_token_wise_scorers(tmp_path: Path, shapes_root) -> None:
+    """The region-word loss reads the very scores that `TokenWiseScorer` selects with."""
+    from semani.alignment import EntityProposals, TokenWiseScorer
+
+    torch.manual_seed(0)
+    module = ClipTrainModule(SHAPES_CLIP, loss="filip", dense_loss_weight=1.0).eval()
+    file = tmp_path / "clip.pt"
+    torch.save(module.open_clip_state_dict(), file)
+    scorer = TokenWiseScorer(SHAPES_CLIP, str(file), min_cells=0)
+    sample = ShapesWorldDataset(shapes_root, "train", 64, CONTEXT, deterministic=True)[0]
+    masks = sample["entity_masks"]  # (K, 64, 64)
+    words = ["circle", "square", "triangle"]
+    with torch.no_grad():
+        patches = module.features({"image": sample["image"][None], "tokens":
+                                   sample["tokens"][None]})["patches"]  # fmt: skip
+        got = module.entity_word_scores(patches, [masks], words)[0]  # (K, 3)
+    proposals = EntityProposals(masks > 0.5, torch.ones(len(masks)))
+    for v, word in enumerate(words):
+        want = scorer(sample["image"], proposals, word)
+        torch.testing.assert_close(got[:, v], want, atol=1e-5, rtol=0)
+
+
+def test_dense_loss_is_the_two_cross_entropies_and_learns(shapes_root: Path) -> None:
+    torch.manual_seed(0)
+    module = ClipTrainModule(SHAPES_CLIP, loss="filip", dense_loss_weight=1.0)
+    ds = ShapesWorldDataset(shapes_root, "train", 64, CONTEXT, deterministic=True)
+    samples = [ds[i] for i in range(6)]
+    batch = {"image": torch.stack([s["image"] for s in samples]),
+             "tokens": torch.stack([s["tokens"] for s in samples]),
+             "entity_masks": [s["entity_masks"] for s in samples],
+             "entity_names": [s["entity_names"] for s in samples]}  # fmt: skip
+    patches = module.features(batch)["patches"]
+    vocab = sorted({n for s in samples for n in s["entity_names"]})
+    scores = module.entity_word_scores(patches, batch["entity_masks"], vocab)
+    scale = module.model.logit_scale.exp()
+    rows = torch.cat(scores)  # every entity against every name of the batch
+    targets = torch.tensor([vocab.index(n) for s in samples for n in s["entity_names"]])
+    per_name = [  # each name that occurs once in its image picks its entity there
+        F.cross_entropy(scale * sc[:, vocab.index(n)], torch.tensor(k))
+        for sc, s in zip(scores, samples) for k, n in enumerate(s["entity_names"])
+        if len(s["entity_names"]) > 1 and s["entity_names"].count(n) == 1
+    ]  # fmt: skip
+    assert per_name
+    want = 0.5 * (F.cross_entropy(scale * rows, targets) + torch.stack(per_name).mean())
+    torch.testing.assert_close(module.dense_loss(patches, batch), want)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(8):
+        value = module.dense_loss(module.features(batch)["patches"], batch)
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        losses.append(value.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    with pytest.raises(ValueError, match="with_entities=true"):
+        module.dense_loss(patches, {"image": batch["image"]})
+
+
 def test_clip_shapes_fast_dev_run(shapes_root: Path, tmp_path: Path) -> None:
     """`train.py experiment=clip_shapes debug=fdr` (the FILIP loss runs in the export test)."""
     cfg = compose(

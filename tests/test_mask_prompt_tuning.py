@@ -73,6 +73,25 @@ def test_entity_crops_descriptions_and_mixing(shapes_root: Path) -> None:
         EntityCropDataset(base, crop_prob=1.5)
 
 
+def test_entity_crops_with_entities_carry_masks_and_names_for_both_kinds(shapes_root) -> None:
+    base = ShapesWorldDataset(shapes_root, "train", 64, 40)
+    mixed = EntityCropDataset(base, crop_prob=0.5, with_entities=True)
+    torch.manual_seed(0)
+    samples = [mixed[i % len(base)] for i in range(30)]
+    crops = [s for s in samples if s["caption"].startswith("a photo of a ")]
+    scenes = [s for s in samples if not s["caption"].startswith("a photo of a ")]
+    assert crops and scenes
+    for s in crops:  # the crop's own mask (where its pixels are not the fill) and name
+        assert s["entity_masks"].shape == (1, 64, 64) and s["entity_names"][0] in s["caption"]
+        assert s["entity_masks"].sum() > 0
+    for s in scenes:  # the image's own entities
+        whole = base[s["index"]]
+        assert s["entity_names"] == whole["entity_names"]
+        assert torch.equal(s["entity_masks"], whole["entity_masks"])
+    batch = collate_samples(samples[:4])
+    assert isinstance(batch["entity_masks"], list) and len(batch["entity_names"]) == 4
+
+
 def test_entity_crops_in_place_keep_the_entity_where_it_is(shapes_root: Path) -> None:
     base = ShapesWorldDataset(shapes_root, "train", 64, 40, deterministic=True)
     crops = EntityCropDataset(base, in_place_prob=1.0, deterministic=False)

@@ -32,7 +32,7 @@ from semani.modules.clip import ClipModel
 from semani.modules.clip_tokens import patch_features, token_features
 from semani.utils.masks import mask_to_token_mask
 
-__all__ = ["TokenWiseScorer", "entity_token_scores"]
+__all__ = ["TokenWiseScorer", "entity_token_scores", "word_token_positions"]
 
 
 def entity_token_scores(
@@ -54,6 +54,27 @@ def entity_token_scores(
     counts = m.sum(dim=1)  # (K,)
     scores = (m @ per_patch) / counts.clamp(min=1)  # (K,)
     return scores.masked_fill(counts < max(min_cells, 1), float("nan"))
+
+
+def word_token_positions(tokenizer, template: str, word: str) -> tuple[Tensor, list[int]]:
+    """The prompt `template.format(word=word)` as (1, context) token ids of open_clip's BPE
+    `tokenizer`, and the positions of the word's own tokens: after "<sot>" and the template's
+    prefix, before its suffix and EOT (5 .. EOT-2 for "a photo of a {word}.")."""
+    prefix, suffix = template.split("{word}", 1)
+    tokens = tokenizer([template.format(word=word)])  # (1, ctx)
+    ids = tokens[0].tolist()
+    if tokenizer.eot_token_id not in ids:
+        raise ValueError(f"the prompt for {word!r} does not fit the CLIP context")
+    eot = ids.index(tokenizer.eot_token_id)
+    pre, suf = tokenizer.encode(prefix), tokenizer.encode(suffix)
+    start, stop = 1 + len(pre), eot - len(suf)  # after <sot> + prefix, before the suffix
+    if stop <= start or ids[1:start] != pre or ids[stop:eot] != suf:
+        raise ValueError(
+            f"cannot locate the tokens of {word!r} in {template!r}: the prompt's BPE "
+            "does not split into prefix + word + suffix (is the word empty, or glued to "
+            "the template's text?)"
+        )
+    return tokens, list(range(start, stop))
 
 
 class TokenWiseScorer(nn.Module):
@@ -106,22 +127,8 @@ class TokenWiseScorer(nn.Module):
 
     def word_positions(self, word: str) -> tuple[Tensor, list[int]]:
         """(1, context) token ids of the prompt and the positions of the word's own tokens."""
-        tok = self.clip.tokenizer
-        prefix, suffix = self.template.split("{word}", 1)
-        tokens = self.clip.tokenize([self.template.format(word=word)])  # (1, ctx)
-        ids = tokens[0].tolist()
-        if tok.eot_token_id not in ids:
-            raise ValueError(f"the prompt for {word!r} does not fit the CLIP context")
-        eot = ids.index(tok.eot_token_id)
-        pre, suf = tok.encode(prefix), tok.encode(suffix)
-        start, stop = 1 + len(pre), eot - len(suf)  # after <sot> + prefix, before the suffix
-        if stop <= start or ids[1:start] != pre or ids[stop:eot] != suf:
-            raise ValueError(
-                f"cannot locate the tokens of {word!r} in {self.template!r}: the prompt's BPE "
-                "does not split into prefix + word + suffix (is the word empty, or glued to "
-                "the template's text?)"
-            )
-        return tokens, list(range(start, stop))
+        tokens, pos = word_token_positions(self.clip.tokenizer, self.template, word)
+        return tokens.to(self.clip.mean.device), pos
 
     @torch.no_grad()
     def word_features(self, word: str) -> Tensor:

@@ -19,6 +19,10 @@ where it is, at its own scale, with every other pixel set to the fill colour: th
 holds one entity. A CLIP trained on such samples learns patch tokens for the entity's shape at
 the scale it has in whole scenes, which the token-wise scorer compares with the word.
 
+``with_entities``: every sample (crop or whole image) also carries ``entity_masks`` (K, S, S)
+and ``entity_names`` (K names): the crop's own mask and name, or the image's entities. A CLIP
+trained with a region-word loss (`ClipTrainModule(dense_loss_weight=...)`) reads them.
+
 A crop sample: ``image`` (3, S, S) in [-1, 1], ``crop_mask`` (S, S) float {0, 1}, ``caption``,
 ``tokens`` (L,), ``entity_name`` str, ``index`` (the image's).
 """
@@ -38,6 +42,7 @@ __all__ = ["EntityCropDataset", "NoEntitiesError", "DEFAULT_CROP_TEMPLATE"]
 
 DEFAULT_CROP_TEMPLATE = "a photo of a {word}."
 MIXED_KEYS = ("image", "caption", "tokens", "index")
+ENTITY_KEYS = ("entity_masks", "entity_names")
 
 
 class NoEntitiesError(ValueError):
@@ -57,6 +62,7 @@ class EntityCropDataset(Dataset):
         square: pad the box to a square before resizing (the paper) instead of stretching it.
         in_place_prob: probability that a crop keeps the entity in place in the whole image
             (the rest filled) instead of cutting out its box; training only.
+        with_entities: every sample also carries ``entity_masks`` and ``entity_names``.
         deterministic: default: ``base.deterministic``.
     """
 
@@ -69,6 +75,7 @@ class EntityCropDataset(Dataset):
         fill: tuple[float, float, float] = OPENAI_DATASET_MEAN,
         square: bool = False,
         in_place_prob: float = 0.0,
+        with_entities: bool = False,
         deterministic: bool | None = None,
     ) -> None:
         for arg, p in (("crop_prob", crop_prob), ("describe_prob", describe_prob),
@@ -89,6 +96,7 @@ class EntityCropDataset(Dataset):
         self.fill = 2 * torch.tensor(list(fill), dtype=torch.float32) - 1  # (3,) in [-1, 1]
         self.square = square
         self.in_place_prob = float(in_place_prob)
+        self.with_entities = bool(with_entities)
         self.deterministic = base.deterministic if deterministic is None else deterministic
         self.tokenizer = base.tokenizer
         size = base.image_size
@@ -108,7 +116,8 @@ class EntityCropDataset(Dataset):
         n = len(self)
         if not self._coin(self.crop_prob):
             sample = self.base[index]
-            return {k: sample[k] for k in MIXED_KEYS}
+            keys = MIXED_KEYS + (ENTITY_KEYS if self.with_entities else ())
+            return {k: sample[k] for k in keys}
         for step in range(n):
             sample = self.base[(index + step) % n]
             masks = sample.get("entity_masks")
@@ -147,6 +156,8 @@ class EntityCropDataset(Dataset):
             "tokens": self.tokenizer([caption])[0],  # (L,)
             "index": i,
         }
+        if self.with_entities:
+            out.update(entity_masks=crop_mask[:1].float(), entity_names=[name])  # (1, S, S)
         if self.crop_prob < 1.0:
             return out
         return {**out, "crop_mask": crop_mask[0], "entity_name": name}
