@@ -97,6 +97,7 @@ STAGES: tuple[Stage, ...] = (
           extra=("model.vae_scaling_factor=null", "model.train_vae=false",
                  "model.cache_latents=true"),
           consumers=(("eval", "eval_semani_diff_shapes", "editor.source"),
+                     ("eval", "eval_blended_ldm_shapes", "editor.source"),
                      ("app", None, "shapes.editor.source"))),
 )  # fmt: skip
 STAGE_BY_NAME = {s.name: s for s in STAGES}

@@ -155,6 +155,8 @@ def test_errors(tmp_path: Path, tok_dir: Path) -> None:
     inpaint = tiny_inpaint_components(in_channels=9, tokenizer_folder=tok_dir)
     with pytest.raises(ValueError, match="DiffEditor"):
         BlendedLatentEditor(**inpaint)
+    with pytest.raises(ValueError, match="unmasked_inpainting=false"):
+        BlendedLatentEditor(**t2i, unmasked_inpainting=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,6 +191,39 @@ def test_blended_keeps_the_noised_source_outside_the_mask(
         outside = (m == 0).expand_as(z)
         torch.testing.assert_close(z[outside], noised[outside], atol=1e-6, rtol=0)
         assert not torch.allclose(z[~outside], noised[~outside])
+
+
+@pytest.mark.parametrize("guidance", [1.0, 7.5])
+def test_blended_on_an_inpainting_unet_feeds_the_empty_mask_condition(
+    inpaint_folder: Path, guidance: float
+) -> None:
+    editor = BlendedLatentEditor.from_pretrained(
+        inpaint_folder, steps=4, skip=0.25, unmasked_inpainting=True
+    )
+    c = editor.vae.config.latent_channels
+    seen: list[torch.Tensor] = []
+    hook = editor.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    image, mask = image_and_mask(48, 64)
+    record: list[tuple] = []
+    try:
+        out = editor.edit(
+            image, mask, TEXT, seed=0, guidance_scale=guidance,
+            callback=lambda i, t, z, s: record.append((z.clone(), s)),
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    assert out.shape == (1, 48, 64, 3) and len(seen) == 3  # 4 steps, the first skipped
+    batch = 2 if guidance > 1 else 1
+    for x in seen:
+        assert x.shape == (batch, 2 * c + 1, 6, 8)
+        assert bool((x[:, c] == 1).all())  # the all-ones mask: nothing of the image is kept
+        torch.testing.assert_close(x[:, c + 1 :], seen[0][:1, c + 1 :].expand(batch, -1, -1, -1))
+    gray = editor.vae.encode(torch.zeros(1, 3, 48, 64)).latent_dist  # the gray image's latent
+    z = seen[0][0, c + 1 :] / editor.vae.config.scaling_factor
+    assert bool(((z - gray.mean[0]).abs() <= 6 * gray.std[0]).all())
+    for z, s in record:  # the blend is the same as on a text-to-image UNet
+        outside = (s["mask"] == 0).expand_as(z)
+        assert not torch.equal(z[outside], s["source_latents"][outside])
 
 
 def test_blended_mask_dilation_and_composite(text2image_folder: Path) -> None:

@@ -13,6 +13,13 @@ Inference only, on a plain 4-channel text-to-image latent-diffusion UNet. `edit`
    and the step's own (current) timestep t, as the authors' code does;
 4. decode and resize back; the pixel-space composite of `DiffEditor` is optional (off by
    default: the baseline as published keeps the VAE's reconstruction of the background).
+
+`unmasked_inpainting=True` runs it on a 9-channel inpainting UNet instead (a SeMani-Diff model)
+used as a text-to-image model: every UNet call gets the empty mask condition, an all-ones mask
+and the latent of the all-gray masked image, which is what classifier-free training with
+`mask_dropout` teaches the model to read as "no image context" (SemaniDiffModule). With it the
+baseline and SeMani-Diff share their weights and differ only in how the edit is made (ShapesWorld,
+where no separate text-to-image model is trained).
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ class BlendedLatentEditor(LatentEditor):
     """Blended Latent Diffusion on a text-to-image Stable-Diffusion model.
 
     Args:
-        unet: 4-channel `UNet2DConditionModel`.
+        unet: 4-channel `UNet2DConditionModel` (9-channel with `unmasked_inpainting`).
         vae, text_encoder, tokenizer, scheduler: as `DiffEditor`.
         steps, guidance_scale, negative_text, eta: defaults of `edit`.
         skip: the fraction of the first (noisiest) steps skipped (the authors' 0.25).
@@ -62,6 +69,8 @@ class BlendedLatentEditor(LatentEditor):
         composite: paste the result into the input in pixel space (see `DiffEditor`).
         feather: the composite's seam width in pixels (see `feather_weights`).
         side, device, dtype, vae_tiling: as `DiffEditor`.
+        unmasked_inpainting: `unet` is an inpainting UNet, run with the empty mask condition
+            (module docstring).
     """
 
     inpaint = False  # from_pretrained reads a text-to-image folder
@@ -85,12 +94,21 @@ class BlendedLatentEditor(LatentEditor):
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         vae_tiling: bool = False,
+        unmasked_inpainting: bool = False,
     ) -> None:
-        if unet.config.in_channels != vae.config.latent_channels:
+        c = vae.config.latent_channels
+        want = 2 * c + 1 if unmasked_inpainting else c
+        if unet.config.in_channels != want:
+            kind = "an inpainting" if unmasked_inpainting else "a text-to-image"
+            hint = (
+                "set unmasked_inpainting=false for a text-to-image UNet"
+                if unmasked_inpainting
+                else "for an inpainting UNet use DiffEditor, or unmasked_inpainting=true to run "
+                "Blended LDM on it with the empty mask condition"
+            )
             raise ValueError(
-                f"BlendedLatentEditor needs a text-to-image UNet with {vae.config.latent_channels}"
-                f" input channels, got {unet.config.in_channels}; for an inpainting UNet use "
-                "DiffEditor"
+                f"BlendedLatentEditor needs {kind} UNet with {want} input channels, got "
+                f"{unet.config.in_channels}; {hint}"
             )
         if not 0 <= skip < 1:
             raise ValueError(f"skip must be in [0, 1), got {skip}")
@@ -99,6 +117,14 @@ class BlendedLatentEditor(LatentEditor):
         self.negative_text, self.eta = negative_text, eta
         self.skip, self.dilation, self.side = skip, dilation, side
         self.composite, self.feather = composite, feather
+        self.unmasked_inpainting = unmasked_inpainting
+
+    def empty_condition(self, pixels: Tensor, generator: torch.Generator | None) -> Tensor:
+        """The inpainting UNet's "no image context" channels for a model-grid image (1, 3, H, W):
+        (1, 1 + C, H/f, W/f), an all-ones mask and the latent of the all-gray masked image."""
+        gray = torch.zeros_like(pixels, device=self.device)  # x * (M < 0.5) with M = 1
+        latents = encode_image(self.vae, gray, generator).to(self.dtype)  # (1, C, h, w)
+        return torch.cat([torch.ones_like(latents[:, :1]), latents], 1)
 
     def latent_mask(self, mask: Tensor) -> Tensor:
         """Model-grid pixel mask (1, 1, h*f, w*f) -> binary latent mask (1, 1, h, w)."""
@@ -148,9 +174,15 @@ class BlendedLatentEditor(LatentEditor):
         latents = randn_tensor(source.shape, generator=generator, device=device, dtype=dtype)
         latents = latents * scheduler.init_noise_sigma  # (N, C, h, w)
         extra = step_kwargs(scheduler, self.eta, generator)
+        cond = None
+        if self.unmasked_inpainting:
+            cond = self.empty_condition(pixels, generator)  # (1, 1 + C, h, w)
+            cond = cond.repeat(num_images * (1 + cfg), 1, 1, 1)
         for i, t in enumerate(scheduler.timesteps[start:]):
             x = torch.cat([latents] * 2) if cfg else latents  # (N or 2N, C, h, w)
             x = scheduler.scale_model_input(x, t)
+            if cond is not None:
+                x = torch.cat([x, cond], 1)  # (N or 2N, 2C + 1, h, w)
             eps = guided_noise(self.unet, x, t, embeds, scale, cfg)  # (N, C, h, w)
             latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
             noise = randn_tensor(source.shape, generator=generator, device=device, dtype=dtype)
