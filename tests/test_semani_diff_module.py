@@ -279,3 +279,27 @@ def test_load_model_opens_the_checkpoint_in_eval_mode(two_step_run: Path) -> Non
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
     assert model.ema.optimization_step == 2
+
+
+def test_entity_masks_stay_on_the_cpu_when_the_batch_moves(make, batch: dict) -> None:
+    module = make()
+    moved = module.transfer_batch_to_device(dict(batch), torch.device("meta"), 0)
+    assert moved["image"].device.type == "meta"  # everything else moves
+    assert all(m.device.type == "cpu" for m in moved["entity_masks"])
+    assert moved["entity_masks"] is batch["entity_masks"]
+
+
+def test_caption_ids_are_the_tokenizers_and_tokenize_each_caption_once(make) -> None:
+    from semani.modules.diffusion_parts import tokenize_text
+
+    module = make()
+    calls: list[int] = []
+    tokenizer = module.tokenizer
+    module.tokenizer = lambda texts, **kw: calls.append(len(texts)) or tokenizer(texts, **kw)
+    module.tokenizer.model_max_length = tokenizer.model_max_length
+    captions = ["a red circle", "", "a blue square", "a red circle"]
+    first = module.caption_ids(captions)
+    again = module.caption_ids(captions[::-1])
+    assert calls == [3]  # three distinct captions, tokenized once
+    torch.testing.assert_close(first, tokenize_text(tokenizer, captions))
+    torch.testing.assert_close(again, first.flip(0))

@@ -61,6 +61,7 @@ from semani.modules.diffusion_parts import (
     latent_mask,
     load_inpaint_components,
     tiny_inpaint_components,
+    tokenize_text,
 )
 from semani.utils.atomic import atomic_dir
 from semani.utils.checkpoint import (
@@ -78,6 +79,7 @@ __all__ = ["PREDICTION_TYPES", "SemaniDiffModule", "step_generator", "training_t
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LR_SCHEDULES = ("cosine", "constant")
 _EMA_KEY = "semani_ema"  # checkpoint entry: EMAModel.state_dict()
+_MAX_CACHED_CAPTIONS = 200_000  # token ids remembered by `caption_ids` (~60 MB at 77 ids)
 _TRAIN, _VAL, _SAMPLES = 0, 1, 2  # generator streams
 
 
@@ -236,6 +238,7 @@ class SemaniDiffModule(pl.LightningModule):
             adamw_8bit()  # fail now, not when fitting starts
         self.save_hyperparameters()
         self.mask_sampler = MaskSampler(**(masks or {}))
+        self._caption_ids: dict[str, Tensor] = {}
 
         parts = build_components(source, tiny, config)
         if vae is not None:
@@ -418,10 +421,22 @@ class SemaniDiffModule(pl.LightningModule):
             "posterior": (mean, std, sample),
         }
 
+    def caption_ids(self, captions: Sequence[str]) -> Tensor:
+        """Captions -> (B, 77) token ids (`tokenize_text`), remembered per caption: training
+        sees every caption many times and the tokenizer runs on the CPU, in the training step
+        (the cache is emptied when it holds `_MAX_CACHED_CAPTIONS`)."""
+        missing = [c for c in dict.fromkeys(captions) if c not in self._caption_ids]
+        if missing:
+            if len(self._caption_ids) + len(missing) > _MAX_CACHED_CAPTIONS:
+                self._caption_ids.clear()
+            self._caption_ids.update(zip(missing, tokenize_text(self.tokenizer, missing)))
+        return torch.stack([self._caption_ids[c] for c in captions])  # (B, L)
+
     def text_embeddings(self, captions: Sequence[str]) -> Tensor:
         """Captions -> CLIP hidden states (B, 77, D); gradients only if the encoder trains."""
+        ids = self.caption_ids(captions)
         with torch.set_grad_enabled(self.hparams.train_text_encoder and torch.is_grad_enabled()):
-            return encode_text(self.text_encoder, self.tokenizer, list(captions))
+            return encode_text(self.text_encoder, self.tokenizer, list(captions), ids=ids)
 
     # ---------------------------------------------------------------- losses
 
@@ -466,6 +481,15 @@ class SemaniDiffModule(pl.LightningModule):
         }
 
     # ---------------------------------------------------------------- Lightning loops
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int):
+        """Everything to `device` but the entity masks: the mask sampler reads them on the CPU
+        (moving them to a GPU and back costs a synchronisation per sample)."""
+        ents = batch.pop("entity_masks", None) if isinstance(batch, dict) else None
+        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        if ents is not None:
+            batch["entity_masks"] = ents
+        return batch
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         generator = step_generator(

@@ -41,6 +41,7 @@ __all__ = [
     "decode_latents",
     "encode_image",
     "encode_text",
+    "tokenize_text",
     "latent_mask",
     "load_inpaint_components",
     "load_sd_components",
@@ -405,19 +406,25 @@ def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def encode_text(text_encoder, tokenizer, texts: list[str]) -> Tensor:
-    """Texts -> CLIP text-encoder hidden states (B, L, D), padded to the tokenizer's length.
-
-    As diffusers' SD pipelines: `padding="max_length"`, truncation, last hidden state, in the
-    text encoder's dtype and on its device.
-    """
-    ids = tokenizer(
+def tokenize_text(tokenizer, texts: list[str]) -> Tensor:
+    """Texts -> (B, L) token ids as diffusers' SD pipelines make them: `padding="max_length"`
+    to the tokenizer's length, truncated."""
+    return tokenizer(
         list(texts),
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     ).input_ids  # (B, L)
+
+
+def encode_text(text_encoder, tokenizer, texts: list[str], ids: Tensor | None = None) -> Tensor:
+    """Texts -> CLIP text-encoder hidden states (B, L, D), padded to the tokenizer's length.
+
+    As diffusers' SD pipelines (`tokenize_text`), last hidden state, in the text encoder's dtype
+    and on its device. `ids`: the texts already tokenized by `tokenize_text`.
+    """
+    ids = tokenize_text(tokenizer, texts) if ids is None else ids  # (B, L)
     return text_encoder(ids.to(text_encoder.device))[0]  # (B, L, D)
 
 
