@@ -91,3 +91,26 @@ def test_sampler_needs_some_weight() -> None:
         MaskSampler(entity=0.0, box=0.0, stroke=0.0)
     with pytest.raises(ValueError, match="random masks some weight"):
         MaskSampler(entity=1.0, box=0.0, stroke=0.0).sample(1, (8, 8), gen(0), None)
+
+
+def test_inpaint_mask_dataset_draws_from_the_samples_entities(shapes_root) -> None:
+    from semani.data.inpaint_masks import InpaintMaskDataset
+    from semani.data.shapes import ShapesWorldDataset
+
+    base = ShapesWorldDataset(shapes_root, "train", 32, 40, deterministic=True)
+    ds = InpaintMaskDataset(base, entity=1.0, box=0.0, stroke=0.0)
+    torch.manual_seed(0)
+    first = [ds[i] for i in range(4)]
+    torch.manual_seed(0)  # the worker's RNG seeds each sample's draw
+    again = [ds[i] for i in range(4)]
+    for i, (a, b) in enumerate(zip(first, again)):
+        assert a["inpaint_mask"].shape == (1, 32, 32) and a["mask_kind"] == "entity"
+        assert torch.equal(a["inpaint_mask"], b["inpaint_mask"])
+        ents = base[i]["entity_masks"] >= 0.5  # one of the image's own entities
+        assert any(torch.equal(a["inpaint_mask"][0] > 0, e) for e in ents)
+        assert torch.equal(a["image"], base[i]["image"])
+    boxes = InpaintMaskDataset(base, entity=0.0, box=1.0, stroke=0.0, min_cover=0.2)
+    m = boxes[0]["inpaint_mask"]
+    assert boxes[0]["mask_kind"] == "box" and 0.2 <= m.mean() <= 0.5
+    with pytest.raises(TypeError):
+        InpaintMaskDataset(base, blob=1.0)

@@ -303,3 +303,34 @@ def test_caption_ids_are_the_tokenizers_and_tokenize_each_caption_once(make) -> 
     assert calls == [3]  # three distinct captions, tokenized once
     torch.testing.assert_close(first, tokenize_text(tokenizer, captions))
     torch.testing.assert_close(again, first.flip(0))
+
+
+def test_masks_drawn_by_the_data_module_replace_the_models(make, shapes_root: Path) -> None:
+    from semani.data.datamodule import SemaniDataModule
+
+    dm = SemaniDataModule(
+        dataset="shapes",
+        root=str(shapes_root),
+        image_size=32,
+        batch_size=4,
+        num_workers=0,
+        inpaint_masks={"entity": 0.0, "box": 1.0, "stroke": 0.0},
+    )
+    dm.setup("fit")  # fmt: skip
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["inpaint_mask"].shape == (4, 1, 32, 32) and batch["mask_kind"] == ["box"] * 4
+    assert "inpaint_mask" not in next(iter(dm.val_dataloader()))  # evaluation stays fixed
+    model = make(mask_dropout=0.5)
+    model.mask_sampler.sample = lambda *a, **k: pytest.fail("the model drew its own masks")
+    with torch.no_grad():
+        inp = model.training_inputs(batch, gen(3))
+    for i in range(4):
+        want = torch.ones(1, 32, 32) if inp["drop_mask"][i] else batch["inpaint_mask"][i]
+        assert torch.equal(inp["mask"][i], want)
+    assert inp["mask_kinds"] == ["box"] * 4
+    with pytest.raises(ValueError, match="webdataset"):
+        SemaniDataModule(
+            dataset="webdataset", root="x", shards="x.tar", inpaint_masks={"box": 1.0}
+        )
+    with pytest.raises(TypeError):
+        SemaniDataModule(dataset="shapes", root="x", inpaint_masks={"boxes": 1.0})

@@ -18,6 +18,10 @@ the world size does not divide is an error.
 turns map-style samples into masked entity crops captioned with the entity's name: in training
 with probability ``crop_prob`` (a CLIP that also sees single entities), and in evaluation too
 when ``eval: true`` (mask-prompt tuning, whose validation classifies crops).
+``inpaint_masks`` (a dict of `MaskSampler` arguments, map-style data sets): every training
+sample also gets an inpainting mask drawn in the DataLoader workers (``inpaint_mask``,
+``mask_kind``; `semani.data.inpaint_masks.InpaintMaskDataset`), which SeMani-Diff's training
+step uses instead of drawing its own on the main process.
 ``colourless_captions`` (ShapesWorld): the chance that a training caption loses its entities'
 colour words (`semani.data.shapes.drop_entity_colours`).
 """
@@ -37,6 +41,7 @@ from semani.data.base import CaptionImageDataset, OnCorrupt, collate_samples
 from semani.data.coco import COCODataset
 from semani.data.cub import CUBDataset
 from semani.data.entity_crops import EntityCropDataset
+from semani.data.inpaint_masks import InpaintMaskDataset, MaskSampler
 from semani.data.oxford import OxfordFlowersDataset
 from semani.data.shapes import ShapesWorldDataset
 from semani.data.tokenizer import TextTokenizer
@@ -83,6 +88,7 @@ class SemaniDataModule(pl.LightningDataModule):
         seed: int = 0,
         entity_crops: Mapping[str, Any] | None = None,
         colourless_captions: float = 0.0,
+        inpaint_masks: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if dataset not in (*DATASETS, "webdataset"):
@@ -108,8 +114,16 @@ class SemaniDataModule(pl.LightningDataModule):
                 raise ValueError(
                     f"unknown data.entity_crops keys {unknown}; allowed: {sorted(allowed)}"
                 )
+        if inpaint_masks is not None:
+            if dataset == "webdataset":
+                raise ValueError(
+                    "inpaint_masks is for map-style data sets; with dataset=webdataset set "
+                    "data.inpaint_masks=null (the model draws the masks)"
+                )
+            MaskSampler(**inpaint_masks)  # unknown keys or bad values: fail now
         # plain containers in the checkpoint's hyper-parameters (weights-only loadable)
         entity_crops, instances_json = plain_hparams(entity_crops), plain_hparams(instances_json)
+        inpaint_masks = plain_hparams(inpaint_masks)
         self.save_hyperparameters(logger=False)
         self.tokenizer = TextTokenizer(context_length)
         self.data_train: Dataset | None = None
@@ -124,7 +138,10 @@ class SemaniDataModule(pl.LightningDataModule):
         crops = dict(hp.entity_crops or {})
         if crops and (not deterministic or crops.pop("eval", False)):
             crops.pop("eval", None)
-            return EntityCropDataset(ds, **crops)
+            ds = EntityCropDataset(ds, **crops)
+        masks = hp.get("inpaint_masks")
+        if masks is not None and not deterministic:  # training only: evaluation stays fixed
+            ds = InpaintMaskDataset(ds, **masks)
         return ds
 
     def _reader(self, split: str, deterministic: bool) -> CaptionImageDataset:

@@ -11,6 +11,8 @@ any machine. Masks are (H, W) float tensors with values in {0, 1}; 1 = the regio
   [min_cover, max_cover]; a segment that would pass max_cover is dropped.
 - `MaskSampler`: per sample, an entity mask of the data set (one entity, or the union of several)
   or a random box / stroke mask, by configurable probabilities.
+- `InpaintMaskDataset`: the same draw made in the DataLoader workers (``data.inpaint_masks``),
+  so that the training step's main process does not spend its time drawing masks.
 """
 
 from __future__ import annotations
@@ -24,8 +26,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
+from torch.utils.data import Dataset
 
-__all__ = ["MASK_KINDS", "MaskSampler", "random_box_mask", "random_stroke_mask"]
+__all__ = [
+    "MASK_KINDS",
+    "InpaintMaskDataset",
+    "MaskSampler",
+    "random_box_mask",
+    "random_stroke_mask",
+]
 
 MASK_KINDS = ("entity", "box", "stroke")
 
@@ -244,3 +253,29 @@ class MaskSampler:
                 out[i, 0] = self.random_mask(kind, size, generator)
             kinds.append(kind)
         return out, kinds
+
+
+class InpaintMaskDataset(Dataset):
+    """`base`'s samples plus ``inpaint_mask`` (1, H, W) float {0, 1} and ``mask_kind``, drawn by
+    a `MaskSampler(**sampler_kwargs)` from the sample's ``entity_masks`` (where it has them).
+
+    The draw runs where the sample is loaded (the DataLoader workers): its generator is seeded
+    from the process's torch RNG, which Lightning seeds per worker (`seed_everything(seed,
+    workers=True)`), so a run is repeatable for a given seed and worker count.
+    `SemaniDiffModule` uses a batch's ``inpaint_mask`` instead of drawing its own.
+    """
+
+    def __init__(self, base: Dataset, **sampler_kwargs: float) -> None:
+        self.base = base
+        self.sampler = MaskSampler(**sampler_kwargs)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.base[index]
+        generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        ents = sample.get("entity_masks")
+        size = tuple(sample["image"].shape[-2:])
+        mask, kinds = self.sampler.sample(1, size, generator, None if ents is None else [ents])
+        return {**sample, "inpaint_mask": mask[0], "mask_kind": kinds[0]}  # (1, H, W)

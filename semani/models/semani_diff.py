@@ -11,8 +11,10 @@ Training step (Eq. 14), every draw from one CPU `torch.Generator` seeded by (see
 step, batch index), in this order (`training_inputs`):
   1. text dropout `rand(B) < text_dropout`, 2. mask dropout `rand(B) < mask_dropout`,
   3. one mask per sample (`semani.data.inpaint_masks.MaskSampler`: an entity mask of the data
-     set or a random box / brush-stroke mask), 4. the VAE posterior sample of the image,
-  5. that of the masked image, 6. the noise, 7. the timesteps.
+     set or a random box / brush-stroke mask; skipped where the batch brings its own
+     `inpaint_mask`, drawn in the DataLoader workers with `data.inpaint_masks`),
+  4. the VAE posterior sample of the image, 5. that of the masked image, 6. the noise,
+  7. the timesteps.
 The empty conditions of classifier-free guidance (Eq. 15): a dropped text is the empty caption
 ""; a dropped mask is the all-ones mask ("re-paint everything"), so the masked image
 `x * (M < 0.5)` is all zeros (mid-gray) and its latent is the VAE encoding of that gray image:
@@ -389,9 +391,13 @@ class SemaniDiffModule(pl.LightningModule):
         drop_mask = torch.rand(b, generator=generator) < hp.mask_dropout  # (B,)
         if not dropout:
             drop_text, drop_mask = torch.zeros_like(drop_text), torch.zeros_like(drop_mask)
-        mask, kinds = self.mask_sampler.sample(b, (h, w), generator, batch.get("entity_masks"))
-        mask[drop_mask] = 1.0  # the empty mask condition: re-paint everything
+        if "inpaint_mask" in batch:  # drawn in the DataLoader workers (data.inpaint_masks)
+            mask, kinds = batch["inpaint_mask"].float().clone(), list(batch["mask_kind"])
+        else:
+            ents = batch.get("entity_masks")
+            mask, kinds = self.mask_sampler.sample(b, (h, w), generator, ents)
         mask = mask.to(device, images.dtype)  # (B, 1, H, W)
+        mask[drop_mask.to(device)] = 1.0  # the empty mask condition: re-paint everything
         masked_image = images * (mask < 0.5)  # (B, 3, H, W), as diffusers' pipeline
 
         with torch.set_grad_enabled(hp.train_vae and torch.is_grad_enabled()):
