@@ -83,11 +83,15 @@ def test_entity_crops_with_entities_carry_masks_and_names_for_both_kinds(shapes_
     assert crops and scenes
     for s in crops:  # the crop's own mask (where its pixels are not the fill) and name
         assert s["entity_masks"].shape == (1, 64, 64) and s["entity_names"][0] in s["caption"]
-        assert s["entity_masks"].sum() > 0
+        assert (
+            s["entity_masks"].sum() > 0 and s["caption"] == f"a photo of a {s['entity_words'][0]}."
+        )
     for s in scenes:  # the image's own entities
         whole = base[s["index"]]
-        assert s["entity_names"] == whole["entity_names"]
+        assert s["entity_names"] == whole["entity_names"] == s["entity_words"]  # describe_prob 0
         assert torch.equal(s["entity_masks"], whole["entity_masks"])
+    described = EntityCropDataset(base, crop_prob=0.0, describe_prob=1.0, with_entities=True)
+    assert described[2]["entity_words"] == base.entity_descriptions(2)
     batch = collate_samples(samples[:4])
     assert isinstance(batch["entity_masks"], list) and len(batch["entity_names"]) == 4
 

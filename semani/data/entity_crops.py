@@ -19,8 +19,10 @@ where it is, at its own scale, with every other pixel set to the fill colour: th
 holds one entity. A CLIP trained on such samples learns patch tokens for the entity's shape at
 the scale it has in whole scenes, which the token-wise scorer compares with the word.
 
-``with_entities``: every sample (crop or whole image) also carries ``entity_masks`` (K, S, S)
-and ``entity_names`` (K names): the crop's own mask and name, or the image's entities. A CLIP
+``with_entities``: every sample (crop or whole image) also carries ``entity_masks`` (K, S, S),
+``entity_names`` (K names) and ``entity_words`` (each entity's name, or its description with
+probability ``describe_prob``; a crop's is its caption's word): the crop's own mask, or the
+image's entities. A CLIP
 trained with a region-word loss (`ClipTrainModule(dense_loss_weight=...)`) reads them.
 
 A crop sample: ``image`` (3, S, S) in [-1, 1], ``crop_mask`` (S, S) float {0, 1}, ``caption``,
@@ -112,12 +114,24 @@ class EntityCropDataset(Dataset):
             return False
         return bool(torch.rand(()) < p)
 
+    def _words(self, sample: dict[str, Any]) -> list[str]:
+        """Each entity's name, or its description with probability `describe_prob`."""
+        describe = getattr(self.base, "entity_descriptions", None)
+        names = list(sample["entity_names"])
+        if describe is None or self.describe_prob <= 0:
+            return names
+        descriptions = describe(sample["index"])
+        return [d if self._coin(self.describe_prob) else n for n, d in zip(names, descriptions)]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         n = len(self)
         if not self._coin(self.crop_prob):
             sample = self.base[index]
-            keys = MIXED_KEYS + (ENTITY_KEYS if self.with_entities else ())
-            return {k: sample[k] for k in keys}
+            out = {k: sample[k] for k in MIXED_KEYS}
+            if self.with_entities:
+                out.update({k: sample[k] for k in ENTITY_KEYS})
+                out["entity_words"] = self._words(sample)
+            return out
         for step in range(n):
             sample = self.base[(index + step) % n]
             masks = sample.get("entity_masks")
@@ -158,6 +172,7 @@ class EntityCropDataset(Dataset):
         }
         if self.with_entities:
             out.update(entity_masks=crop_mask[:1].float(), entity_names=[name])  # (1, S, S)
+            out["entity_words"] = [word]
         if self.crop_prob < 1.0:
             return out
         return {**out, "crop_mask": crop_mask[0], "entity_name": name}
