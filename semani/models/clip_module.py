@@ -200,17 +200,23 @@ class ClipTrainModule(pl.LightningModule):
             per image (K_b, V): mean over the entity's cells of the max over the word's tokens
             of the cosine (entities without a cell score 0).
         """
-        feats = []
-        for word in words:
-            tokens, pos = word_token_positions(self.tokenizer, self.hparams.dense_template, word)
-            _, toks = encode_text_with_tokens(self.model, tokens.to(self.device), normalize=True)
-            feats.append(toks[0, pos])  # (T_w, D)
+        prompts = [
+            word_token_positions(self.tokenizer, self.hparams.dense_template, w) for w in words
+        ]
+        tokens = torch.cat([t for t, _ in prompts]).to(self.device)  # (V, ctx): one forward
+        _, toks = encode_text_with_tokens(self.model, tokens, normalize=True)  # (V, ctx, D)
+        width = max(len(pos) for _, pos in prompts)
+        feats = toks.new_zeros(len(words), width, toks.shape[-1])  # (V, T, D), padded
+        valid = torch.zeros(len(words), width, dtype=torch.bool, device=toks.device)  # (V, T)
+        for v, (_, pos) in enumerate(prompts):
+            feats[v, : len(pos)], valid[v, : len(pos)] = toks[v, pos], True
+        sim = torch.einsum("bnd,vtd->bnvt", patches, feats)  # (B, N, V, T)
+        per_cell = sim.masked_fill(~valid, float("-inf")).amax(-1)  # (B, N, V)
         out = []
         for b, m in enumerate(masks):
-            per_cell = torch.stack([(patches[b] @ f.T).amax(1) for f in feats], 1)  # (N, V)
             cells = mask_to_token_mask(m.to(patches.device), self.grid, 0.0, min_tokens=0)
             cells = cells.flatten(1).to(per_cell.dtype)  # (K, N)
-            out.append(cells @ per_cell / cells.sum(1, keepdim=True).clamp(min=1))  # (K, V)
+            out.append(cells @ per_cell[b] / cells.sum(1, keepdim=True).clamp(min=1))  # (K, V)
         return out
 
     def dense_loss(self, patches: Tensor, batch: Mapping[str, Any]) -> Tensor:
