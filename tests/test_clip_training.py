@@ -188,6 +188,23 @@ def test_entity_word_scores_equal_the_token_wise_scorers(tmp_path: Path, shapes_
         torch.testing.assert_close(got[:, v], want, atol=1e-5, rtol=0)
 
 
+def _dense_reference(module, patches, masks, words: list[list[str]]) -> torch.Tensor:
+    """The region-word loss written out: CE over the batch's words for each entity, averaged
+    with CE over the image's entities for each word that occurs once in its image."""
+    vocab = sorted({w for ws in words for w in ws})
+    scores = module.entity_word_scores(patches, masks, vocab)
+    scale = module.model.logit_scale.exp()
+    rows = torch.cat(scores)  # every entity against every word of the batch
+    targets = torch.tensor([vocab.index(w) for ws in words for w in ws])
+    per_word = [
+        F.cross_entropy(scale * sc[:, vocab.index(w)], torch.tensor(k))
+        for sc, ws in zip(scores, words) for k, w in enumerate(ws)
+        if len(ws) > 1 and ws.count(w) == 1
+    ]  # fmt: skip
+    assert per_word
+    return 0.5 * (F.cross_entropy(scale * rows, targets) + torch.stack(per_word).mean())
+
+
 def test_dense_loss_is_the_two_cross_entropies_and_learns(shapes_root: Path) -> None:
     torch.manual_seed(0)
     module = ClipTrainModule(SHAPES_CLIP, loss="filip", dense_loss_weight=1.0)
@@ -198,19 +215,12 @@ def test_dense_loss_is_the_two_cross_entropies_and_learns(shapes_root: Path) -> 
              "entity_masks": [s["entity_masks"] for s in samples],
              "entity_names": [s["entity_names"] for s in samples]}  # fmt: skip
     patches = module.features(batch)["patches"]
-    vocab = sorted({n for s in samples for n in s["entity_names"]})
-    scores = module.entity_word_scores(patches, batch["entity_masks"], vocab)
-    scale = module.model.logit_scale.exp()
-    rows = torch.cat(scores)  # every entity against every name of the batch
-    targets = torch.tensor([vocab.index(n) for s in samples for n in s["entity_names"]])
-    per_name = [  # each name that occurs once in its image picks its entity there
-        F.cross_entropy(scale * sc[:, vocab.index(n)], torch.tensor(k))
-        for sc, s in zip(scores, samples) for k, n in enumerate(s["entity_names"])
-        if len(s["entity_names"]) > 1 and s["entity_names"].count(n) == 1
-    ]  # fmt: skip
-    assert per_name
-    want = 0.5 * (F.cross_entropy(scale * rows, targets) + torch.stack(per_name).mean())
+    want = _dense_reference(module, patches, batch["entity_masks"], batch["entity_names"])
     torch.testing.assert_close(module.dense_loss(patches, batch), want)
+    # entity_words (names or descriptions) take the names' place
+    words = [ds.entity_descriptions(i) for i in range(6)]
+    want = _dense_reference(module, patches, batch["entity_masks"], words)
+    torch.testing.assert_close(module.dense_loss(patches, {**batch, "entity_words": words}), want)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
     losses = []
     for _ in range(8):
