@@ -16,6 +16,18 @@ its description where the batch has `entity_words`): over the batch's words for 
 and over the image's entities for each word that occurs once in it. FILIP-large learned to
 match a word to its patches from 340M pairs; a CLIP trained on 2000 synthetic scenes does not
 (README, "Semantic alignment"), and this teaches it from the masks.
+
+Batches are our data dicts: `image` (B, 3, H, W) in [-1, 1] (resized to the model's input size
+if needed and normalised with its mean/std here) and `tokens` (B, L) CLIP BPE ids with L = the
+model's context length (`data.context_length`). Validation and test log the loss and caption
+retrieval R@1/R@5 (image -> text, each image against the captions of all images of the split,
+its own being the one the data module drew): `r1`/`r5` with the training loss's similarity,
+and `r1_global`/`r1_tokenwise` (and R@5) with each similarity explicitly.
+
+Checkpoints name the class (`semani_model`) so `semani.load_model` opens them; at the end of
+training the bare open_clip state dict goes to `<run>/<export_dir>/open_clip_model.pt`, which
+`open_clip.create_model(model_name, pretrained=path)` and `ClipModel(model_name, pretrained=path)`
+load. `export_open_clip(ckpt, out)` writes the same file from any checkpoint of this class.
 """
 
 from __future__ import annotations
