@@ -17,7 +17,7 @@ from semani.alignment import (
     TokenWiseScorer,
     parse_entity_edits,
 )
-from semani.alignment.token_scorer import entity_token_scores
+from semani.alignment.token_scorer import entity_token_scores, word_token_features
 from semani.modules.clip import TINY_CLIP_NAME, ClipModel
 from semani.modules.mask_clip import (
     OVSEG_CLIP_PREFIX,
@@ -271,6 +271,15 @@ def test_entity_token_scores_formula_and_small_entities():
     per_patch = torch.tensor([max(float(p @ w) for w in words) for p in patches])
     torch.testing.assert_close(got[:2], torch.stack([per_patch[:4].mean(), per_patch[1:].mean()]))
     assert torch.isnan(got[2])
+    # several words at once (padded, with a token mask) = one word at a time
+    other = F.normalize(torch.randn(1, 4, generator=_gen(9)), dim=-1)
+    padded = torch.stack([words, torch.cat([other, torch.zeros(1, 4)])])  # (2, 2, 4)
+    valid = torch.tensor([[True, True], [True, False]])
+    both = entity_token_scores(patches, padded, cells, min_cells=4, word_mask=valid)  # (3, 2)
+    torch.testing.assert_close(both[:, 0], got, equal_nan=True)
+    torch.testing.assert_close(
+        both[:, 1], entity_token_scores(patches, other, cells, min_cells=4), equal_nan=True
+    )
 
 
 def test_word_positions(clip: ClipModel):
@@ -285,6 +294,14 @@ def test_word_positions(clip: ClipModel):
     assert other.word_positions("red car")[1] == [1, 2]
     with pytest.raises(ValueError, match="cannot locate"):
         TokenWiseScorer(clip=clip, template="a photo of a{word}.").word_positions("bird")
+    # several words in one forward: each word's own features, padded and masked
+    feats, valid = word_token_features(
+        clip.model, clip.tokenizer, scorer.template, ["fire hydrant", "bird"], torch.device("cpu")
+    )
+    n = len(pos)
+    assert valid.tolist() == [[True] * n, [True] + [False] * (n - 1)]
+    torch.testing.assert_close(feats[0], scorer.word_features("fire hydrant"))
+    torch.testing.assert_close(feats[1, :1], scorer.word_features("bird"))
 
 
 def test_token_scorer_batched_equals_looped_and_skips_small(clip: ClipModel):

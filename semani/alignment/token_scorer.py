@@ -20,6 +20,9 @@ Selection (threshold 0.163, the paper's value for FILIP-large) is the aligner's 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+
 import open_clip
 import torch
 import torch.nn as nn
@@ -32,34 +35,52 @@ from semani.modules.clip import ClipModel
 from semani.modules.clip_tokens import patch_features, token_features
 from semani.utils.masks import mask_to_token_mask
 
-__all__ = ["TokenWiseScorer", "entity_token_scores", "word_token_positions"]
+__all__ = [
+    "TokenWiseScorer",
+    "entity_token_scores",
+    "word_token_features",
+    "word_token_positions",
+]
 
 
 def entity_token_scores(
-    patches: Tensor, words: Tensor, token_masks: Tensor, min_cells: int = 4
+    patches: Tensor,
+    words: Tensor,
+    token_masks: Tensor,
+    min_cells: int = 4,
+    word_mask: Tensor | None = None,
 ) -> Tensor:
     """FILIP-style entity similarity from normalised features.
 
     Args:
         patches: (N, D) L2-normalised image-token embeddings.
-        words: (T, D) L2-normalised embeddings of the word's own tokens.
+        words: (T, D) L2-normalised embeddings of the word's own tokens, or (V, T, D) for V
+            words at once (padded; `word_mask` (V, T) marks the real tokens).
         token_masks: (K, N) bool, each entity's cells on the patch grid.
         min_cells: entities with fewer cells get NaN.
 
     Returns:
-        (K,) mean over each entity's cells of the max over the word tokens of the cosine.
+        (K,) (or (K, V)) mean over each entity's cells of the max over the word tokens of the
+        cosine.
     """
-    per_patch = (patches @ words.T).amax(dim=1)  # (N,)
+    single = words.dim() == 2
+    sim = torch.einsum("nd,vtd->nvt", patches, words[None] if single else words)  # (N, V, T)
+    if word_mask is not None:
+        sim = sim.masked_fill(~word_mask, float("-inf"))
+    per_patch = sim.amax(dim=-1)  # (N, V)
     m = token_masks.to(per_patch.dtype)  # (K, N)
-    counts = m.sum(dim=1)  # (K,)
-    scores = (m @ per_patch) / counts.clamp(min=1)  # (K,)
-    return scores.masked_fill(counts < max(min_cells, 1), float("nan"))
+    counts = m.sum(dim=1, keepdim=True)  # (K, 1)
+    scores = (m @ per_patch) / counts.clamp(min=1)  # (K, V)
+    scores = scores.masked_fill(counts < max(min_cells, 1), float("nan"))
+    return scores[:, 0] if single else scores
 
 
+@functools.lru_cache(maxsize=4096)
 def word_token_positions(tokenizer, template: str, word: str) -> tuple[Tensor, list[int]]:
     """The prompt `template.format(word=word)` as (1, context) token ids of open_clip's BPE
     `tokenizer`, and the positions of the word's own tokens: after "<sot>" and the template's
-    prefix, before its suffix and EOT (5 .. EOT-2 for "a photo of a {word}.")."""
+    prefix, before its suffix and EOT (5 .. EOT-2 for "a photo of a {word}."). Remembered per
+    (tokenizer, template, word): do not modify the returned tensor."""
     prefix, suffix = template.split("{word}", 1)
     tokens = tokenizer([template.format(word=word)])  # (1, ctx)
     ids = tokens[0].tolist()
@@ -75,6 +96,25 @@ def word_token_positions(tokenizer, template: str, word: str) -> tuple[Tensor, l
             "the template's text?)"
         )
     return tokens, list(range(start, stop))
+
+
+def word_token_features(
+    model: nn.Module, tokenizer, template: str, words: Sequence[str], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """The L2-normalised features of each word's own tokens in its prompt, all words in one
+    text forward (gradients flow if the model trains).
+
+    Returns: (V, T, D) features, padded to the longest word, and the (V, T) bool mask of the
+    real tokens (`entity_token_scores`' `word_mask`).
+    """
+    prompts = [word_token_positions(tokenizer, template, w) for w in words]
+    tokens = torch.cat([t for t, _ in prompts]).to(device)  # (V, ctx)
+    toks = token_features(model, tokens, normalize=True)  # (V, ctx, D)
+    width = max(len(pos) for _, pos in prompts)
+    index = torch.tensor([pos + [pos[-1]] * (width - len(pos)) for _, pos in prompts])  # (V, T)
+    valid = torch.tensor([[i < len(pos) for i in range(width)] for _, pos in prompts])
+    feats = toks.gather(1, index.to(device)[..., None].expand(-1, -1, toks.shape[-1]))
+    return feats, valid.to(device)
 
 
 class TokenWiseScorer(nn.Module):
@@ -135,9 +175,10 @@ class TokenWiseScorer(nn.Module):
         """(T, D) L2-normalised features of the word's own tokens in the prompt (cached)."""
         key = (word, self.clip.mean.device)
         if key not in self._words:
-            tokens, pos = self.word_positions(word)
-            feats = token_features(self.clip.model, tokens, normalize=True)[0, pos]  # (T, D)
-            self._words[key] = feats.float()
+            feats, _ = word_token_features(
+                self.clip.model, self.clip.tokenizer, self.template, [word], key[1]
+            )  # (1, T, D), one word: no padding
+            self._words[key] = feats[0].float()
         return self._words[key]
 
     # ---------------------------------------------------------------- image

@@ -48,7 +48,7 @@ from open_clip.loss import ClipLoss
 from torch import Tensor
 
 from semani.alignment.scorers import DEFAULT_TEMPLATE
-from semani.alignment.token_scorer import word_token_positions
+from semani.alignment.token_scorer import entity_token_scores, word_token_features
 from semani.loading import check_overrides, export_dir, name_checkpoint, register_model
 from semani.modules.clip import clip_preprocess, resolve_pretrained
 from semani.modules.clip_tokens import (
@@ -212,24 +212,18 @@ class ClipTrainModule(pl.LightningModule):
             per image (K_b, V): mean over the entity's cells of the max over the word's tokens
             of the cosine (entities without a cell score 0).
         """
-        prompts = [
-            word_token_positions(self.tokenizer, self.hparams.dense_template, w) for w in words
+        feats, valid = word_token_features(
+            self.model, self.tokenizer, self.hparams.dense_template, words, patches.device
+        )  # (V, T, D), (V, T)
+        sizes = [len(m) for m in masks]
+        if not sum(sizes):
+            return [patches.new_zeros(0, len(words)) for _ in masks]
+        cells = mask_to_token_mask(torch.cat(list(masks)).to(patches.device), self.grid, 0.0,
+                                   min_tokens=0).flatten(1)  # (sum K, N): one resize  # fmt: skip
+        return [
+            entity_token_scores(patches[b], feats, c, 0, valid).nan_to_num(0.0)  # (K, V)
+            for b, c in enumerate(cells.split(sizes))
         ]
-        tokens = torch.cat([t for t, _ in prompts]).to(self.device)  # (V, ctx): one forward
-        _, toks = encode_text_with_tokens(self.model, tokens, normalize=True)  # (V, ctx, D)
-        width = max(len(pos) for _, pos in prompts)
-        feats = toks.new_zeros(len(words), width, toks.shape[-1])  # (V, T, D), padded
-        valid = torch.zeros(len(words), width, dtype=torch.bool, device=toks.device)  # (V, T)
-        for v, (_, pos) in enumerate(prompts):
-            feats[v, : len(pos)], valid[v, : len(pos)] = toks[v, pos], True
-        sim = torch.einsum("bnd,vtd->bnvt", patches, feats)  # (B, N, V, T)
-        per_cell = sim.masked_fill(~valid, float("-inf")).amax(-1)  # (B, N, V)
-        out = []
-        for b, m in enumerate(masks):
-            cells = mask_to_token_mask(m.to(patches.device), self.grid, 0.0, min_tokens=0)
-            cells = cells.flatten(1).to(per_cell.dtype)  # (K, N)
-            out.append(cells @ per_cell[b] / cells.sum(1, keepdim=True).clamp(min=1))  # (K, V)
-        return out
 
     def dense_loss(self, patches: Tensor, batch: Mapping[str, Any]) -> Tensor:
         """The region-word loss (module docstring) of a batch's `patches` (B, N, D)."""
