@@ -37,6 +37,7 @@ from semani.manipulation.diff_editor import (
     feather_weights,
     fresh_scheduler,
     guided_noise,
+    inpaint_condition,
     make_generator,
     prepare_inputs,
     resize_bilinear,
@@ -121,10 +122,9 @@ class BlendedLatentEditor(LatentEditor):
 
     def empty_condition(self, pixels: Tensor, generator: torch.Generator | None) -> Tensor:
         """The inpainting UNet's "no image context" channels for a model-grid image (1, 3, H, W):
-        (1, 1 + C, H/f, W/f), an all-ones mask and the latent of the all-gray masked image."""
-        gray = torch.zeros_like(pixels, device=self.device)  # x * (M < 0.5) with M = 1
-        latents = encode_image(self.vae, gray, generator).to(self.dtype)  # (1, C, h, w)
-        return torch.cat([torch.ones_like(latents[:, :1]), latents], 1)
+        `inpaint_condition` with an all-ones mask, (1, 1 + C, H/f, W/f)."""
+        everything = torch.ones_like(pixels[:, :1])  # (1, 1, H, W): re-paint every pixel
+        return inpaint_condition(self.vae, pixels, everything, generator, self.dtype)
 
     def latent_mask(self, mask: Tensor) -> Tensor:
         """Model-grid pixel mask (1, 1, h*f, w*f) -> binary latent mask (1, 1, h, w)."""

@@ -266,6 +266,19 @@ def prepare_components(
             m.to(device=device, dtype=dtype)
 
 
+def inpaint_condition(
+    vae, pixels: Tensor, mask: Tensor, generator: torch.Generator | None, dtype: torch.dtype
+) -> Tensor:
+    """What an inpainting UNet reads beside the noisy latents, for a model-grid image
+    (1, 3, H, W) in [-1, 1] and mask (1, 1, H, W): (1, 1 + C, H/f, W/f), the mask on the latent
+    grid and E((1 - M) x), a posterior sample drawn from `generator` (diffusers' order)."""
+    device = vae.device
+    masked = pixels.to(device) * (mask.to(device) < 0.5)  # (1, 3, H, W)
+    masked_latents = encode_image(vae, masked, generator).to(dtype)  # (1, C, h, w)
+    m = latent_mask(mask.to(device), tuple(masked_latents.shape[-2:])).to(dtype)  # (1, 1, h, w)
+    return torch.cat([m, masked_latents], 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # the editor
 
@@ -407,10 +420,8 @@ class DiffEditor(LatentEditor):
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         latents = latents * scheduler.init_noise_sigma  # (N, C, h, w)
         # E((1 - M) x): drawn from the generator after the noise, as diffusers does
-        masked = pixels.to(device) * (mask.to(device) < 0.5)  # (1, 3, H, W)
-        masked_latents = encode_image(self.vae, masked, generator).to(dtype)  # (1, C, h, w)
-        m = latent_mask(mask.to(device), (h, w)).to(dtype)  # (1, 1, h, w)
-        cond = torch.cat([m, masked_latents], 1).repeat(num_images * (1 + cfg), 1, 1, 1)
+        cond = inpaint_condition(self.vae, pixels, mask, generator, dtype)  # (1, 1 + C, h, w)
+        cond = cond.repeat(num_images * (1 + cfg), 1, 1, 1)
         extra = step_kwargs(scheduler, self.eta, generator)
         for i, t in enumerate(scheduler.timesteps):
             x = torch.cat([latents] * 2) if cfg else latents  # (N or 2N, C, h, w)
