@@ -22,8 +22,8 @@ the scale it has in whole scenes, which the token-wise scorer compares with the 
 ``with_entities``: every sample (crop or whole image) also carries ``entity_masks`` (K, S, S),
 ``entity_names`` (K names) and ``entity_words`` (each entity's name, or its description with
 probability ``describe_prob``; a crop's is its caption's word): the crop's own mask, or the
-image's entities. A CLIP
-trained with a region-word loss (`ClipTrainModule(dense_loss_weight=...)`) reads them.
+image's entities. A CLIP trained with a region-word loss
+(`ClipTrainModule(dense_loss_weight=...)`) reads them.
 
 A crop sample: ``image`` (3, S, S) in [-1, 1], ``crop_mask`` (S, S) float {0, 1}, ``caption``,
 ``tokens`` (L,), ``entity_name`` str, ``index`` (the image's).
@@ -64,7 +64,8 @@ class EntityCropDataset(Dataset):
         square: pad the box to a square before resizing (the paper) instead of stretching it.
         in_place_prob: probability that a crop keeps the entity in place in the whole image
             (the rest filled) instead of cutting out its box; training only.
-        with_entities: every sample also carries ``entity_masks`` and ``entity_names``.
+        with_entities: every sample also carries ``entity_masks``, ``entity_names`` and
+            ``entity_words`` (module docstring).
         deterministic: default: ``base.deterministic``.
     """
 

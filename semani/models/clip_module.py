@@ -105,7 +105,7 @@ class ClipTrainModule(pl.LightningModule):
             embeddings (0: FILIP alone, as in the paper).
         max_logit_scale: the temperature's exp(scale) is clamped to [1, this] after every step.
         dense_loss_weight: weight of the region-word loss (module docstring; 0: off). Needs
-            ``entity_masks``/``entity_names`` in the training batches
+            ``entity_masks`` and ``entity_words`` (or ``entity_names``) in the training batches
             (``data.entity_crops.with_entities=true``).
         dense_template: the prompt whose word tokens the region-word loss reads (the token-wise
             scorer's).
