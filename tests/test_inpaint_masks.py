@@ -59,6 +59,21 @@ def test_sampler_entity_masks_come_from_the_sample() -> None:
         assert torch.equal(m, ents[0]) or torch.equal(m, ents[2])
 
 
+def test_sample_one_names_the_entities_it_covers() -> None:
+    ents = entities()  # entity 1 is empty: never chosen
+    for union in (0.0, 1.0):
+        sampler = MaskSampler(entity=1.0, box=0.0, stroke=0.0, entity_union=union)
+        for seed in range(6):
+            mask, kind, chosen = sampler.sample_one((16, 16), gen(seed), ents)
+            assert kind == "entity" and chosen and set(chosen) <= {0, 2}
+            assert len(chosen) == (2 if union else 1)
+            assert torch.equal(mask, ents[chosen].amax(0))
+    mask, kind, chosen = MaskSampler(entity=0.0, box=1.0, stroke=0.0).sample_one(
+        (16, 16), gen(0), ents
+    )
+    assert kind == "box" and chosen == [] and mask.sum() > 0
+
+
 def test_sampler_union_of_entities() -> None:
     sampler = MaskSampler(entity=1.0, box=0.0, stroke=0.0, entity_union=1.0)
     ents = entities()
@@ -114,3 +129,35 @@ def test_inpaint_mask_dataset_draws_from_the_samples_entities(shapes_root) -> No
     assert boxes[0]["mask_kind"] == "box" and 0.2 <= m.mean() <= 0.5
     with pytest.raises(TypeError):
         InpaintMaskDataset(base, blob=1.0)
+
+
+def test_entity_captions_name_the_masked_entity(shapes_root) -> None:
+    from semani.data.inpaint_masks import InpaintMaskDataset
+    from semani.data.shapes import ShapesWorldDataset
+
+    base = ShapesWorldDataset(shapes_root, "train", 32, 40, deterministic=True)
+    ds = InpaintMaskDataset(base, 1.0, "a photo of a {word}", entity=1.0, box=0.0, stroke=0.0)
+    torch.manual_seed(0)
+    seen = 0
+    for i in range(6):
+        s = ds[i]
+        assert s["entity_caption"] is True and s["mask_kind"] == "entity"
+        ents = base[i]["entity_masks"] >= 0.5
+        (k,) = [j for j, e in enumerate(ents) if torch.equal(s["inpaint_mask"][0] > 0, e)]
+        want = f"a photo of a {base.entity_descriptions(i)[k]}"
+        assert s["caption"] == want and torch.equal(s["tokens"], base.tokenizer([want])[0])
+        seen += len(ents) > 1
+    assert seen  # some images have several entities: the caption is the masked one's
+    union = InpaintMaskDataset(base, 1.0, entity=1.0, box=0.0, stroke=0.0, entity_union=1.0)
+    boxes = InpaintMaskDataset(base, 1.0, entity=0.0, box=1.0, stroke=0.0)
+    never = InpaintMaskDataset(base, 0.0, entity=1.0, box=0.0, stroke=0.0)
+    for i in range(6):  # a union of several entities, a box, or probability 0: as written
+        alone = len(base[i]["entity_masks"]) == 1  # a "union" of one entity is that entity
+        for other, recaptioned in ((union, alone), (boxes, False), (never, False)):
+            s = other[i]
+            assert s["entity_caption"] is recaptioned
+            assert (s["caption"] == base[i]["caption"]) is not recaptioned
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        InpaintMaskDataset(base, 1.5)
+    with pytest.raises(ValueError, match="word"):
+        InpaintMaskDataset(base, 0.5, "a photo of {name}")

@@ -334,3 +334,7 @@ def test_masks_drawn_by_the_data_module_replace_the_models(make, shapes_root: Pa
         )
     with pytest.raises(TypeError):
         SemaniDataModule(dataset="shapes", root="x", inpaint_masks={"boxes": 1.0})
+    with pytest.raises(ValueError, match="needs data.inpaint_masks"):
+        SemaniDataModule(dataset="shapes", root="x", entity_captions=0.5)
+    with pytest.raises(ValueError, match="entity_captions must be"):
+        SemaniDataModule(dataset="shapes", root="x", inpaint_masks={}, entity_captions=2.0)

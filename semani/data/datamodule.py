@@ -21,7 +21,9 @@ when ``eval: true`` (mask-prompt tuning, whose validation classifies crops).
 ``inpaint_masks`` (a dict of `MaskSampler` arguments, map-style data sets): every training
 sample also gets an inpainting mask drawn in the DataLoader workers (``inpaint_mask``,
 ``mask_kind``; `semani.data.inpaint_masks.InpaintMaskDataset`), which SeMani-Diff's training
-step uses instead of drawing its own on the main process.
+step uses instead of drawing its own on the main process. ``entity_captions``: the chance that
+a sample whose mask is one entity is captioned with that entity alone
+(``entity_caption_template``, "a {word}": "a large red circle").
 ``colourless_captions`` (ShapesWorld): the chance that a training caption loses its entities'
 colour words (`semani.data.shapes.drop_entity_colours`).
 """
@@ -41,7 +43,7 @@ from semani.data.base import CaptionImageDataset, OnCorrupt, collate_samples
 from semani.data.coco import COCODataset
 from semani.data.cub import CUBDataset
 from semani.data.entity_crops import EntityCropDataset
-from semani.data.inpaint_masks import InpaintMaskDataset, MaskSampler
+from semani.data.inpaint_masks import InpaintMaskDataset
 from semani.data.oxford import OxfordFlowersDataset
 from semani.data.shapes import ShapesWorldDataset
 from semani.data.tokenizer import TextTokenizer
@@ -89,6 +91,8 @@ class SemaniDataModule(pl.LightningDataModule):
         entity_crops: Mapping[str, Any] | None = None,
         colourless_captions: float = 0.0,
         inpaint_masks: Mapping[str, Any] | None = None,
+        entity_captions: float = 0.0,
+        entity_caption_template: str = "a {word}",
     ) -> None:
         super().__init__()
         if dataset not in (*DATASETS, "webdataset"):
@@ -120,7 +124,13 @@ class SemaniDataModule(pl.LightningDataModule):
                     "inpaint_masks is for map-style data sets; with dataset=webdataset set "
                     "data.inpaint_masks=null (the model draws the masks)"
                 )
-            MaskSampler(**inpaint_masks)  # unknown keys or bad values: fail now
+            # unknown keys or bad values: fail now, not in a DataLoader worker
+            InpaintMaskDataset([], entity_captions, entity_caption_template, **inpaint_masks)
+        elif entity_captions:
+            raise ValueError(
+                "entity_captions re-captions samples whose inpainting mask is one entity: it "
+                "needs data.inpaint_masks (e.g. ${model.masks}), or set it to 0"
+            )
         # plain containers in the checkpoint's hyper-parameters (weights-only loadable)
         entity_crops, instances_json = plain_hparams(entity_crops), plain_hparams(instances_json)
         inpaint_masks = plain_hparams(inpaint_masks)
@@ -141,7 +151,12 @@ class SemaniDataModule(pl.LightningDataModule):
             ds = EntityCropDataset(ds, **crops)
         masks = hp.get("inpaint_masks")
         if masks is not None and not deterministic:  # training only: evaluation stays fixed
-            ds = InpaintMaskDataset(ds, **masks)
+            ds = InpaintMaskDataset(
+                ds,
+                hp.get("entity_captions", 0.0),
+                hp.get("entity_caption_template", "a {word}"),
+                **masks,
+            )
         return ds
 
     def _reader(self, split: str, deterministic: bool) -> CaptionImageDataset:

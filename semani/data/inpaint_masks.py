@@ -204,24 +204,47 @@ class MaskSampler:
 
     def usable_entities(self, masks: Tensor | None, size: tuple[int, int]) -> Tensor | None:
         """The binary (K', H, W) masks of the entities large enough to be chosen, or None."""
+        return self._usable(masks, size)[0]
+
+    def _usable(self, masks: Tensor | None, size: tuple[int, int]) -> tuple[Tensor | None, Tensor]:
+        """`usable_entities` and the (K',) indices of those entities in `masks`."""
         if masks is None or masks.shape[0] == 0:
-            return None
+            return None, torch.zeros(0, dtype=torch.long)
         masks = (masks.detach().float().cpu() >= 0.5).float()  # (K, H', W')
         if tuple(masks.shape[-2:]) != tuple(size):
             masks = F.interpolate(masks[None], size=size)[0]  # nearest: (K, H, W)
         cover = masks.flatten(1).mean(1)  # (K,)
-        masks = masks[(cover > 0) & (cover >= self.entity_min_cover)]
-        return masks if masks.shape[0] else None
+        keep = ((cover > 0) & (cover >= self.entity_min_cover)).nonzero()[:, 0]  # (K',)
+        return (masks[keep], keep) if keep.numel() else (None, keep)
 
     def entity_mask(self, masks: Tensor, generator: torch.Generator) -> Tensor:
         """One entity or the union of several from the usable `masks` (K, H, W) -> (H, W)."""
-        k = masks.shape[0]
+        return masks[self._entity_choice(masks.shape[0], generator)].amax(0)  # (H, W)
+
+    def _entity_choice(self, k: int, generator: torch.Generator) -> Tensor:
+        """Which of `k` usable entities an entity mask covers: one, or 2..k (`entity_union`)."""
         if k >= 2 and float(torch.rand((), generator=generator)) < self.entity_union:
             n = _randint(generator, 2, k)
-            chosen = torch.randperm(k, generator=generator)[:n]
-        else:
-            chosen = torch.tensor([_randint(generator, 0, k - 1)])
-        return masks[chosen].amax(0)  # (H, W)
+            return torch.randperm(k, generator=generator)[:n]
+        return torch.tensor([_randint(generator, 0, k - 1)])
+
+    def sample_one(
+        self, size: tuple[int, int], generator: torch.Generator, entity_masks: Tensor | None = None
+    ) -> tuple[Tensor, str, list[int]]:
+        """-> one mask (H, W) float {0, 1}, its kind, and the indices in `entity_masks` of the
+        entities it covers (empty for a random mask)."""
+        ents, index = self._usable(entity_masks, size)
+        probs = self.kind_probs(ents is not None)
+        u, kind = float(torch.rand((), generator=generator)), "stroke"
+        for name in MASK_KINDS:
+            if u < probs[name]:
+                kind = name
+                break
+            u -= probs[name]
+        if kind != "entity":
+            return self.random_mask(kind, size, generator), kind, []
+        chosen = self._entity_choice(ents.shape[0], generator)
+        return ents[chosen].amax(0), kind, index[chosen].tolist()
 
     def sample(
         self,
@@ -239,18 +262,9 @@ class MaskSampler:
             raise ValueError(f"{len(entity_masks)} entity mask sets for {batch_size} samples")
         out, kinds = torch.zeros(batch_size, 1, *size), []  # (B, 1, H, W)
         for i in range(batch_size):
-            ents = self.usable_entities(entity_masks[i] if entity_masks else None, size)
-            probs = self.kind_probs(ents is not None)
-            u, kind = float(torch.rand((), generator=generator)), "stroke"
-            for name in MASK_KINDS:
-                if u < probs[name]:
-                    kind = name
-                    break
-                u -= probs[name]
-            if kind == "entity":
-                out[i, 0] = self.entity_mask(ents, generator)
-            else:
-                out[i, 0] = self.random_mask(kind, size, generator)
+            out[i, 0], kind, _ = self.sample_one(
+                size, generator, entity_masks[i] if entity_masks else None
+            )
             kinds.append(kind)
         return out, kinds
 
@@ -263,19 +277,52 @@ class InpaintMaskDataset(Dataset):
     from the process's torch RNG, which Lightning seeds per worker (`seed_everything(seed,
     workers=True)`), so a run is repeatable for a given seed and worker count.
     `SemaniDiffModule` uses a batch's ``inpaint_mask`` instead of drawing its own.
+
+    Entity captions: when the mask covers exactly one entity, with probability
+    `entity_captions` the sample's ``caption`` (and ``tokens``) becomes
+    ``caption_template.format(word=...)`` with that entity's description
+    (``base.entity_descriptions``, e.g. ShapesWorld's "large red circle") or else its name, and
+    ``entity_caption`` is True. The image-level caption describes every entity, and the model
+    must guess which one the mask hides; an editor is asked for the masked entity alone.
     """
 
-    def __init__(self, base: Dataset, **sampler_kwargs: float) -> None:
+    def __init__(
+        self,
+        base: Dataset,
+        entity_captions: float = 0.0,
+        caption_template: str = "a {word}",
+        **sampler_kwargs: float,
+    ) -> None:
+        if not 0.0 <= entity_captions <= 1.0:
+            raise ValueError(f"entity_captions must be in [0, 1], got {entity_captions}")
+        if "{word}" not in caption_template:
+            raise ValueError(f"caption_template must contain '{{word}}', got {caption_template!r}")
         self.base = base
         self.sampler = MaskSampler(**sampler_kwargs)
+        self.entity_captions = float(entity_captions)
+        self.caption_template = caption_template
 
     def __len__(self) -> int:
         return len(self.base)
 
+    def entity_word(self, sample: dict, k: int) -> str:
+        """Entity `k` of `sample` in words: its description where the data set has them."""
+        describe = getattr(self.base, "entity_descriptions", None)
+        if describe is not None:
+            return describe(int(sample["index"]))[k]
+        return sample["entity_names"][k]
+
     def __getitem__(self, index: int) -> dict:
         sample = self.base[index]
         generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
-        ents = sample.get("entity_masks")
         size = tuple(sample["image"].shape[-2:])
-        mask, kinds = self.sampler.sample(1, size, generator, None if ents is None else [ents])
-        return {**sample, "inpaint_mask": mask[0], "mask_kind": kinds[0]}  # (1, H, W)
+        mask, kind, chosen = self.sampler.sample_one(size, generator, sample.get("entity_masks"))
+        out = {**sample, "inpaint_mask": mask[None], "mask_kind": kind}  # (1, H, W)
+        coin = float(torch.rand((), generator=generator))  # drawn always: a fixed RNG order
+        out["entity_caption"] = len(chosen) == 1 and coin < self.entity_captions
+        if out["entity_caption"]:
+            out["caption"] = self.caption_template.format(word=self.entity_word(sample, chosen[0]))
+            tokenizer = getattr(self.base, "tokenizer", None)
+            if tokenizer is not None and "tokens" in sample:
+                out["tokens"] = tokenizer([out["caption"]])[0]  # (L,)
+        return out
