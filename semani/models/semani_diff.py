@@ -50,7 +50,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -58,13 +57,16 @@ from torch import Tensor
 
 from semani.data.inpaint_masks import MaskSampler
 from semani.loading import check_overrides, export_dir, name_checkpoint, register_model
-from semani.modules.diffusion_parts import (
-    encode_text,
-    latent_mask,
-    load_inpaint_components,
-    tiny_inpaint_components,
-    tokenize_text,
+from semani.models.diff_training import (
+    PREDICTION_TYPES,
+    SwappableEMA,
+    adamw_8bit,
+    build_components,
+    replace_vae,
+    step_generator,
+    training_target,
 )
+from semani.modules.diffusion_parts import encode_text, latent_mask, tokenize_text
 from semani.utils.atomic import atomic_dir
 from semani.utils.checkpoint import (
     CheckpointMismatchError,
@@ -78,84 +80,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["PREDICTION_TYPES", "SemaniDiffModule", "step_generator", "training_target"]
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 LR_SCHEDULES = ("cosine", "constant")
 _EMA_KEY = "semani_ema"  # checkpoint entry: EMAModel.state_dict()
 _MAX_CACHED_CAPTIONS = 200_000  # token ids remembered by `caption_ids` (~60 MB at 77 ids)
 _TRAIN, _VAL, _SAMPLES = 0, 1, 2  # generator streams
-
-
-def step_generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded from non-negative integers (numpy's SeedSequence mixes them)."""
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
-
-
-def training_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-    """The regression target of the scheduler's `prediction_type`: the noise or the velocity."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(
-        f"unsupported prediction_type {kind!r}: SemaniDiffModule trains {PREDICTION_TYPES}"
-    )
-
-
-def adamw_8bit() -> type:
-    """bitsandbytes' `AdamW8bit`, or an ImportError that says how to get it."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError as err:
-        raise ImportError(
-            "use_8bit_adam=true needs bitsandbytes, which is not installed: `pip install "
-            "bitsandbytes` (CUDA only), or set model.use_8bit_adam=false"
-        ) from err
-    return bnb.optim.AdamW8bit
-
-
-def build_components(
-    source: str | os.PathLike | None, tiny: Mapping[str, Any] | None, config: str | None
-) -> dict[str, Any]:
-    """{"unet", "vae", "text_encoder", "tokenizer", "scheduler"} from `source` or `tiny`."""
-    if (source is None) == (tiny is None):
-        raise ValueError(
-            "SemaniDiffModule needs exactly one of source= (an SD-inpainting diffusers folder, "
-            "cached hub name or single file) and tiny= (tiny_inpaint_components kwargs), got "
-            f"source={source!r}, tiny={tiny!r}"
-        )
-    if tiny is not None:
-        parts = tiny_inpaint_components(**tiny)
-        log.warning("SeMani-Diff parts built at RANDOM from tiny=%s (from-scratch runs)", tiny)
-    else:
-        parts = load_inpaint_components(source, config=config)
-    want = 2 * parts["vae"].config.latent_channels + 1
-    if parts["unet"].config.in_channels != want:
-        raise ValueError(
-            f"the UNet has {parts['unet'].config.in_channels} input channels; an inpainting UNet "
-            f"needs {want} (noisy latent, mask, masked-image latent)"
-        )
-    return parts
-
-
-def replace_vae(old: Any, path: str) -> Any:
-    """The VAE saved at `path` (`load_vae`), checked against the one it replaces."""
-    from semani.models.vae_module import load_vae
-
-    new = load_vae(path)
-    for key in ("latent_channels", "block_out_channels"):
-        if key == "block_out_channels":  # the latent factor must match the UNet's grid
-            a, b = len(old.config[key]), len(new.config[key])
-        else:
-            a, b = old.config[key], new.config[key]
-        if a != b:
-            raise ValueError(
-                f"the VAE at {path} has {key}={new.config[key]}, the model expects "
-                f"{old.config[key]}: train the VAE stage with the model's VAE shape"
-            )
-    log.info("VAE from %s (scaling factor %.4f)", path, new.config.scaling_factor)
-    return new
 
 
 class SemaniDiffModule(pl.LightningModule):
@@ -222,7 +150,6 @@ class SemaniDiffModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         from diffusers import DDPMScheduler
-        from diffusers.training_utils import EMAModel
 
         source = None if source is None else str(source)
         vae = None if vae is None else str(vae)
@@ -268,12 +195,7 @@ class SemaniDiffModule(pl.LightningModule):
             self.unet.enable_gradient_checkpointing()
             if train_text_encoder:
                 self.text_encoder.gradient_checkpointing_enable()
-        self.ema = None
-        if use_ema:
-            self.ema = EMAModel(
-                self.unet.parameters(), decay=ema_decay, use_ema_warmup=ema_warmup, foreach=True
-            )
-        self._ema_active = False  # EMA weights are in the UNet (validation, export)
+        self.ema = SwappableEMA(self.unet, ema_decay, ema_warmup) if use_ema else None
         self._eval_swapped = False  # ... put there by on_validation/test_epoch_start
         self._latent_cache: dict[int, tuple[Tensor, Tensor]] = {}
         n = sum(p.numel() for p in self.unet.parameters())
@@ -294,44 +216,20 @@ class SemaniDiffModule(pl.LightningModule):
             self.text_encoder.eval()
         return self
 
-    def _ema_to_device(self) -> None:
-        param = next(self.unet.parameters())
-        if self.ema.shadow_params and self.ema.shadow_params[0].device != param.device:
-            self.ema.to(param.device)
-
-    def _ema_in(self) -> bool:
-        """Put the EMA weights into the UNet (training weights kept); True if this call did."""
-        if self.ema is None or self._ema_active:
-            return False
-        self._ema_to_device()
-        self.ema.store(self.unet.parameters())
-        self.ema.copy_to(self.unet.parameters())
-        self._ema_active = True
-        return True
-
-    def _ema_out(self) -> None:
-        """Put the training weights back."""
-        self.ema.restore(self.unet.parameters())
-        self._ema_active = False
-
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:
         """Within the block the UNet holds the EMA weights (a no-op without EMA or if they are
         already in); the training weights are put back afterwards."""
-        swapped = self._ema_in()
-        try:
+        with self.ema.weights() if self.ema is not None else contextlib.nullcontext():
             yield
-        finally:
-            if swapped:
-                self._ema_out()
 
     # validation and test run on the EMA weights, swapped in once per epoch
     def on_validation_epoch_start(self) -> None:
-        self._eval_swapped = self._ema_in()
+        self._eval_swapped = self.ema is not None and self.ema.swap_in()
 
     def on_validation_epoch_end(self) -> None:
         if self._eval_swapped:
-            self._ema_out()
+            self.ema.swap_out()
         self._eval_swapped = False
 
     on_test_epoch_start = on_validation_epoch_start
@@ -342,8 +240,7 @@ class SemaniDiffModule(pl.LightningModule):
         micro-batch; before the checkpoint callbacks of the batch run)."""
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
-            self._ema_to_device()
-            self.ema.step(self.unet.parameters())
+            self.ema.update()
 
     # ---------------------------------------------------------------- inputs
 
@@ -622,10 +519,8 @@ class SemaniDiffModule(pl.LightningModule):
         name_checkpoint(self, checkpoint)
         if self.ema is None:
             return
-        if self._ema_active:  # saved from within `ema_weights`: the UNet holds the EMA copy
-            sd = checkpoint["state_dict"]
-            for (name, _), kept in zip(self.unet.named_parameters(), self.ema.temp_stored_params):
-                sd[f"unet.{name}"] = kept
+        # saved from within `ema_weights`: the UNet holds the EMA copy
+        checkpoint["state_dict"].update(self.ema.training_weights("unet."))
         checkpoint[_EMA_KEY] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
