@@ -15,7 +15,11 @@ colour is the most frequent one there. Reported:
   background);
 - ``old_colour_kept``: fraction where the old colour is still the most frequent;
 - ``requested_fraction``: mean fraction of mask pixels nearest to the requested colour;
-- ``outside_changed``: number of pixels outside the mask that differ from the input (must be 0).
+- ``outside_changed``: number of pixels outside the mask that differ from the input (must be 0);
+- ``vae_ceiling``: fraction of the same entities whose own colour still dominates their mask
+  after a round trip through the model's VAE alone (encode, posterior mean; decode): what a
+  perfect denoiser could show through this VAE (small entities blur into the background);
+- ``success_by_size``: ``colour_success`` per entity size ("small", "medium", "large").
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch
 
 from semani.data.shapes import COLORS, ShapesWorldDataset
 from semani.manipulation.diff_editor import DiffEditor
+from semani.modules.diffusion_parts import decode_latents
 
 log = logging.getLogger("check_diff_shapes")
 
@@ -41,6 +46,20 @@ def nearest_colour(pixels: np.ndarray) -> np.ndarray:
     """(N, 3) uint8 RGB -> (N,) index of the nearest palette colour."""
     d = ((pixels[:, None, :].astype(np.float32) - PALETTE[None]) ** 2).sum(-1)  # (N, C)
     return d.argmin(1)
+
+
+@torch.inference_mode()
+def vae_round_trip(editor: DiffEditor, image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float in [-1, 1] -> (H, W, 3) uint8 after the VAE (posterior mean)."""
+    vae = editor.vae
+    mean = vae.encode(image[None].to(editor.device, vae.dtype)).latent_dist.mean
+    out = decode_latents(vae, mean * vae.config.scaling_factor)[0]  # (3, H, W) in [0, 1]
+    return (out * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def dominant(pixels: np.ndarray) -> str:
+    """The palette colour most of (N, 3) uint8 pixels are nearest to."""
+    return NAMES[int(np.bincount(nearest_colour(pixels), minlength=len(NAMES)).argmax())]
 
 
 def load_editor(model: str, steps: int, guidance: float) -> DiffEditor:
@@ -73,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     ds = ShapesWorldDataset(args.data, split="test", image_size=64, context_length=77)
     rng = np.random.default_rng(args.seed)
     n = min(args.n, len(ds))
-    success = kept = outside = 0
+    success = kept = outside = ceiling = 0
+    by_size: dict[str, list[bool]] = {}
     fractions = []
     for i in range(n):
         sample = ds[i]
@@ -95,8 +115,10 @@ def main(argv: list[str] | None = None) -> dict:
         counts = np.bincount(nearest_colour(out[m]), minlength=len(NAMES))
         top = NAMES[int(counts.argmax())]
         success += top == new
+        by_size.setdefault(entity["size"], []).append(top == new)
         kept += top == entity["color"]
         fractions.append(counts[NAMES.index(new)] / counts.sum())
+        ceiling += dominant(vae_round_trip(editor, sample["image"])[m]) == entity["color"]
     done = len(fractions)
     result = {
         "model": args.model,
@@ -108,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
         "requested_fraction": float(np.mean(fractions)) if fractions else 0.0,
         "chance": 1 / len(NAMES),
         "outside_changed": outside,
+        "vae_ceiling": ceiling / max(done, 1),
+        "success_by_size": {k: float(np.mean(v)) for k, v in sorted(by_size.items())},
     }
     print(json.dumps(result))
     return result

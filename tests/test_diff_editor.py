@@ -293,3 +293,5 @@ def test_check_diff_shapes_reports_colours_and_keeps_outside_pixels(
                    "--steps", "2"])  # fmt: skip
     assert result["n"] == 3 and result["outside_changed"] == 0
     assert 0.0 <= result["colour_success"] <= 1.0 and result["chance"] == 1 / len(COLORS)
+    assert 0.0 <= result["vae_ceiling"] <= 1.0
+    assert set(result["success_by_size"]) <= {"small", "medium", "large"}
