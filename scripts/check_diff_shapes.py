@@ -64,16 +64,16 @@ def dominant(pixels: np.ndarray) -> str:
 
 def load_editor(model: str, steps: int, guidance: float) -> DiffEditor:
     path = Path(model)
-    if path.is_file():  # a SemaniDiffModule checkpoint: export its weights to a folder first
-        import tempfile
+    if not path.is_file():
+        return DiffEditor.from_pretrained(str(path), steps=steps, guidance_scale=guidance)
+    import tempfile  # a SemaniDiffModule checkpoint: export its weights to a folder first
 
-        import semani
+    import semani
 
-        module = semani.load_model(path)
-        folder = Path(tempfile.mkdtemp(prefix="semani_diff_")) / "diffusers"
-        module.save_pretrained(folder)
-        path = folder
-    return DiffEditor.from_pretrained(str(path), steps=steps, guidance_scale=guidance)
+    module = semani.load_model(path)
+    with tempfile.TemporaryDirectory(prefix="semani_diff_") as tmp:
+        module.save_pretrained(Path(tmp) / "diffusers")
+        return DiffEditor.from_pretrained(f"{tmp}/diffusers", steps=steps, guidance_scale=guidance)
 
 
 def main(argv: list[str] | None = None) -> dict:
