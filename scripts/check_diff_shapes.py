@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from semani.data.shapes import COLORS, ShapesWorldDataset
+from semani.data.transforms import to_uint8
 from semani.manipulation.diff_editor import DiffEditor
 from semani.modules.diffusion_parts import decode_latents
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not mask.any():
             continue
         new = str(rng.choice([c for c in NAMES if c != entity["color"]]))
-        image = ((sample["image"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (3,H,W)
+        image = to_uint8(sample["image"])  # (3, H, W)
         edited = editor.edit(
             image.permute(1, 2, 0).numpy(), mask.numpy(), f"a {new} {entity['name']}",
             seed=args.seed + i, feather=args.feather,

@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from semani.alignment.types import EntityProposals
+from semani.data.transforms import from_uint8
 from semani.modules.clip import ClipModel
 from semani.modules.mask_clip import MaskPromptCLIP
 
@@ -56,7 +57,7 @@ def as_image(image: Tensor, proposals: EntityProposals | None = None) -> Tensor:
         image = image[0]
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"image must be (3, H, W) in [-1, 1], got {tuple(image.shape)}")
-    image = image.float() / 127.5 - 1 if image.dtype == torch.uint8 else image.float()
+    image = from_uint8(image) if image.dtype == torch.uint8 else image.float()
     if proposals is not None and proposals.size != tuple(image.shape[-2:]):
         raise ValueError(
             f"proposal masks are {proposals.size} but the image is {tuple(image.shape[-2:])}; "

@@ -17,10 +17,12 @@ from torchvision.transforms.functional import rgb_to_grayscale
 
 __all__ = [
     "crop_resize",
+    "from_uint8",
     "image_to_tensor",
     "mask_to_tensor",
     "masks_to_tensor",
     "to_grayscale",
+    "to_uint8",
 ]
 
 Box = tuple[int, int, int, int]  # (x1, y1, x2, y2), x2/y2 exclusive (PIL crop convention)
@@ -50,6 +52,17 @@ def image_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) float in [-1, 1]."""
     arr = np.asarray(img.convert("RGB"), dtype=np.float32)  # (H, W, 3) in [0, 255]
     return torch.from_numpy(arr).permute(2, 0, 1).div(127.5).sub(1.0).contiguous()
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """Images in [-1, 1] (any shape) -> uint8 in [0, 255], rounded as a saved PNG is
+    (torchvision's `save_image`: x * 255 + 0.5, truncated); on the images' device."""
+    return ((images.detach().float() + 1) / 2 * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+
+
+def from_uint8(images: Tensor) -> Tensor:
+    """uint8 images in [0, 255] (any shape) -> float32 in [-1, 1]."""
+    return images.float() / 127.5 - 1
 
 
 def mask_to_tensor(

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from semani.data.transforms import to_uint8
 from semani.utils.checkpoint import CheckpointMismatchError, load_state_dict_strict
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,6 @@ def require_weights(path: str | os.PathLike | None, what: str, source: str) -> P
             "(or point the config at it)."
         )
     return p
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """(B, 3, H, W) in [-1, 1] -> uint8 in [0, 255], rounded as a saved PNG (`save_image`)."""
-    return ((images.float() + 1) / 2 * 255 + 0.5).clamp(0, 255).to(torch.uint8)
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:

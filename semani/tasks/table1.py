@@ -53,6 +53,7 @@ from PIL import Image, ImageDraw
 
 from semani.alignment.segmenters import GroundTruthSegmenter
 from semani.alignment.types import EntityNotFoundError
+from semani.data.transforms import from_uint8, to_uint8
 from semani.tasks.manipulate import (
     USER_ERRORS,
     build_aligner,
@@ -172,13 +173,12 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
     """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
-    x = ((image.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.permute(1, 2, 0).numpy()
+    return to_uint8(image.cpu()).permute(1, 2, 0).numpy()
 
 
 def _to_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """(H, W, 3) uint8 -> (1, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(array).permute(2, 0, 1)[None].float().to(device) / 127.5 - 1
+    return from_uint8(torch.from_numpy(array).permute(2, 0, 1)[None].to(device))
 
 
 # ---------------------------------------------------------------------------------------------

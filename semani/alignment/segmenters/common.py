@@ -27,6 +27,7 @@ from PIL import Image
 from torch import Tensor
 
 from semani.alignment.types import EntityProposals
+from semani.data.transforms import to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,7 @@ def to_uint8_image(image: ImageLike) -> Tensor:
         raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
     if image.dtype == torch.uint8:
         return image.cpu()
-    x = (image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5  # [-1, 1] -> [0, 255]
-    return x.round().to(torch.uint8)
+    return to_uint8(image.cpu())
 
 
 def image_size(image: ImageLike) -> tuple[int, int]:
