@@ -5,10 +5,10 @@
 
 Prints one JSON line. For each of the first ``--n`` test images, the first entity is re-painted
 with `DiffEditor` (its own mask, DDIM ``--steps``, guidance ``--guidance``, seed = image index)
-under the text "a <new colour> <shape>", the new colour drawn (seeded) from the palette colours
-that are not the entity's own. Inside the mask, every pixel is assigned to its nearest palette
-colour (`semani.data.shapes.COLORS`, RGB distance); the edit **succeeds** when the requested
-colour is the most frequent one there. Reported:
+under the text "a <new colour> <shape>" ("an orange star"), the new colour drawn (seeded) from
+the palette colours that are not the entity's own. Inside the mask, every pixel is assigned to
+its nearest palette colour (`semani.data.shapes.COLORS`, RGB distance); the edit **succeeds**
+when the requested colour is the most frequent one there. Reported:
 
 - ``colour_success``: fraction of successful edits (chance: 1 / 11 for a model that paints a
   random palette colour; a model that ignores the text tends to repaint the old colour or the
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semani.data.shapes import COLORS, ShapesWorldDataset
+from semani.data.shapes import COLORS, ShapesWorldDataset, with_article
 from semani.data.transforms import to_uint8
 from semani.manipulation.diff_editor import DiffEditor
 from semani.modules.diffusion_parts import decode_latents
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         new = str(rng.choice([c for c in NAMES if c != entity["color"]]))
         image = to_uint8(sample["image"])  # (3, H, W)
         edited = editor.edit(
-            image.permute(1, 2, 0).numpy(), mask.numpy(), f"a {new} {entity['name']}",
+            image.permute(1, 2, 0).numpy(), mask.numpy(), with_article(f"{new} {entity['name']}"),
             seed=args.seed + i, feather=args.feather,
         )  # fmt: skip
         out = edited[0]  # (H, W, 3) uint8

@@ -133,21 +133,27 @@ def test_inpaint_mask_dataset_draws_from_the_samples_entities(shapes_root) -> No
 
 def test_entity_captions_name_the_masked_entity(shapes_root) -> None:
     from semani.data.inpaint_masks import InpaintMaskDataset
-    from semani.data.shapes import ShapesWorldDataset
+    from semani.data.shapes import SIZE_WORDS, ShapesWorldDataset
 
     base = ShapesWorldDataset(shapes_root, "train", 32, 40, deterministic=True)
-    ds = InpaintMaskDataset(base, 1.0, "a photo of a {word}", entity=1.0, box=0.0, stroke=0.0)
+    ds = InpaintMaskDataset(base, 1.0, "a photo of {word}", entity=1.0, box=0.0, stroke=0.0)
     torch.manual_seed(0)
-    seen = 0
-    for i in range(6):
+    seen, sized = 0, set()
+    for i in list(range(6)) * 4:
         s = ds[i]
         assert s["entity_caption"] is True and s["mask_kind"] == "entity"
         ents = base[i]["entity_masks"] >= 0.5
         (k,) = [j for j, e in enumerate(ents) if torch.equal(s["inpaint_mask"][0] > 0, e)]
-        want = f"a photo of a {base.entity_descriptions(i)[k]}"
-        assert s["caption"] == want and torch.equal(s["tokens"], base.tokenizer([want])[0])
+        size, colour, name = base.entity_descriptions(i)[k].split()
+        article = "an" if colour[0] in "aeiou" else "a"
+        plain = f"a photo of {article} {colour} {name}"
+        with_size = [f"a photo of a {w} {colour} {name}" for w in SIZE_WORDS[size]]
+        assert s["caption"] in [plain, *with_size], s["caption"]
+        sized.add(s["caption"] != plain)
+        assert torch.equal(s["tokens"], base.tokenizer([s["caption"]])[0])
         seen += len(ents) > 1
     assert seen  # some images have several entities: the caption is the masked one's
+    assert sized == {True, False}  # a size word half the time, as the captions
     union = InpaintMaskDataset(base, 1.0, entity=1.0, box=0.0, stroke=0.0, entity_union=1.0)
     boxes = InpaintMaskDataset(base, 1.0, entity=0.0, box=1.0, stroke=0.0)
     never = InpaintMaskDataset(base, 0.0, entity=1.0, box=0.0, stroke=0.0)
@@ -161,3 +167,14 @@ def test_entity_captions_name_the_masked_entity(shapes_root) -> None:
         InpaintMaskDataset(base, 1.5)
     with pytest.raises(ValueError, match="word"):
         InpaintMaskDataset(base, 0.5, "a photo of {name}")
+
+
+def test_entity_captions_without_phrases_use_the_name() -> None:
+    from semani.data.inpaint_masks import InpaintMaskDataset
+
+    ents = entities()
+    base = [{"image": torch.zeros(3, 16, 16), "caption": "a scene", "index": 0,
+             "entity_masks": ents, "entity_names": ["elephant", "x", "dog"]}]  # fmt: skip
+    ds = InpaintMaskDataset(base, 1.0, entity=1.0, box=0.0, stroke=0.0)
+    captions = {ds[0]["caption"] for _ in range(12)}
+    assert captions == {"an elephant", "a dog"}

@@ -23,7 +23,7 @@ sample also gets an inpainting mask drawn in the DataLoader workers (``inpaint_m
 ``mask_kind``; `semani.data.inpaint_masks.InpaintMaskDataset`), which SeMani-Diff's training
 step uses instead of drawing its own on the main process. ``entity_captions``: the chance that
 a sample whose mask is one entity is captioned with that entity alone
-(``entity_caption_template``, "a {word}": "a large red circle").
+(``entity_caption_template``, "{word}": "a little red circle").
 ``colourless_captions`` (ShapesWorld): the chance that a training caption loses its entities'
 colour words (`semani.data.shapes.drop_entity_colours`).
 """
@@ -92,7 +92,7 @@ class SemaniDataModule(pl.LightningDataModule):
         colourless_captions: float = 0.0,
         inpaint_masks: Mapping[str, Any] | None = None,
         entity_captions: float = 0.0,
-        entity_caption_template: str = "a {word}",
+        entity_caption_template: str = "{word}",
     ) -> None:
         super().__init__()
         if dataset not in (*DATASETS, "webdataset"):
@@ -154,7 +154,7 @@ class SemaniDataModule(pl.LightningDataModule):
             ds = InpaintMaskDataset(
                 ds,
                 hp.get("entity_captions", 0.0),
-                hp.get("entity_caption_template", "a {word}"),
+                hp.get("entity_caption_template", "{word}"),
                 **masks,
             )
         return ds

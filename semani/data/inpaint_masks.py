@@ -28,6 +28,8 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from semani.data.shapes import with_article
+
 __all__ = [
     "MASK_KINDS",
     "InpaintMaskDataset",
@@ -280,17 +282,19 @@ class InpaintMaskDataset(Dataset):
 
     Entity captions: when the mask covers exactly one entity, with probability
     `entity_captions` the sample's ``caption`` (and ``tokens``) becomes
-    ``caption_template.format(word=...)`` with that entity's description
-    (``base.entity_descriptions``, e.g. ShapesWorld's "large red circle") or else its name, and
-    ``entity_caption`` is True. The image-level caption describes every entity, and the model
-    must guess which one the mask hides; an editor is asked for the masked entity alone.
+    ``caption_template.format(word=...)`` with that entity in words, and ``entity_caption`` is
+    True. The words are ``base.entity_phrase(index, k, generator)`` where the data set has it
+    (ShapesWorld: "a little red circle" or "a red circle", phrased as its captions are), else
+    the entity's name with its article ("an elephant"). The image-level caption describes every
+    entity, and the model must guess which one the mask hides; an editor is asked for the
+    masked entity alone.
     """
 
     def __init__(
         self,
         base: Dataset,
         entity_captions: float = 0.0,
-        caption_template: str = "a {word}",
+        caption_template: str = "{word}",
         **sampler_kwargs: float,
     ) -> None:
         if not 0.0 <= entity_captions <= 1.0:
@@ -305,12 +309,12 @@ class InpaintMaskDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def entity_word(self, sample: dict, k: int) -> str:
-        """Entity `k` of `sample` in words: its description where the data set has them."""
-        describe = getattr(self.base, "entity_descriptions", None)
-        if describe is not None:
-            return describe(int(sample["index"]))[k]
-        return sample["entity_names"][k]
+    def entity_words(self, sample: dict, k: int, generator: torch.Generator) -> str:
+        """Entity `k` of `sample` in words, with its article (see the class docstring)."""
+        phrase = getattr(self.base, "entity_phrase", None)
+        if phrase is not None:
+            return phrase(int(sample["index"]), k, generator)
+        return with_article(sample["entity_names"][k])
 
     def __getitem__(self, index: int) -> dict:
         sample = self.base[index]
@@ -321,7 +325,8 @@ class InpaintMaskDataset(Dataset):
         coin = float(torch.rand((), generator=generator))  # drawn always: a fixed RNG order
         out["entity_caption"] = len(chosen) == 1 and coin < self.entity_captions
         if out["entity_caption"]:
-            out["caption"] = self.caption_template.format(word=self.entity_word(sample, chosen[0]))
+            words = self.entity_words(sample, chosen[0], generator)
+            out["caption"] = self.caption_template.format(word=words)
             tokenizer = getattr(self.base, "tokenizer", None)
             if tokenizer is not None and "tokens" in sample:
                 out["tokens"] = tokenizer([out["caption"]])[0]  # (L,)

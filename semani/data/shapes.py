@@ -61,6 +61,7 @@ __all__ = [
     "drop_entity_colours",
     "generate_shapes",
     "main",
+    "with_article",
     "SHAPES",
     "SHAPES_HINT",
     "COLORS",
@@ -308,7 +309,8 @@ def _sample_scene(rng: np.random.Generator, size: int) -> dict[str, Any]:
 
 
 # -- captions -------------------------------------------------------------------------------------
-def _article(phrase: str) -> str:
+def with_article(phrase: str) -> str:
+    """ "orange circle" -> "an orange circle", "red circle" -> "a red circle"."""
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
@@ -333,7 +335,7 @@ def _captions(rng: np.random.Generator, scene: dict[str, Any]) -> list[str]:
     def np_(k: int) -> str:  # "a small red circle" / "a red circle"
         e = ents[k]
         words = [pick(SIZE_WORDS[e["size"]])] if rng.random() < 0.5 else []
-        return _article(" ".join([*words, e["color"], e["name"]]))
+        return with_article(" ".join([*words, e["color"], e["name"]]))
 
     def bg() -> str:
         return pick(scene["background"]["phrases"])
@@ -347,13 +349,13 @@ def _captions(rng: np.random.Generator, scene: dict[str, Any]) -> list[str]:
         loc = ents[A]["location"]
         templates = [
             lambda: np_(A),
-            lambda: f"{np_(A)} on {_article(bg())} background",
-            lambda: f"there is {np_(A)} on {_article(bg())} background",
+            lambda: f"{np_(A)} on {with_article(bg())} background",
+            lambda: f"there is {np_(A)} on {with_article(bg())} background",
             lambda: f"an image of {np_(A)}",
-            lambda: f"{_article(bg())} background with {np_(A)}",
-            lambda: f"{np_(A)} against {_article(bg())} background",
+            lambda: f"{with_article(bg())} background with {np_(A)}",
+            lambda: f"{np_(A)} against {with_article(bg())} background",
             lambda: f"this image shows {np_(A)}",
-            lambda: f"a single {np_(A).split(' ', 1)[1]} on {_article(bg())} background",
+            lambda: f"a single {np_(A).split(' ', 1)[1]} on {with_article(bg())} background",
         ]
         if loc is not None:
             where = LOCATIONS[loc]
@@ -361,7 +363,7 @@ def _captions(rng: np.random.Generator, scene: dict[str, Any]) -> list[str]:
                 lambda: f"{np_(A)} {where}",
                 lambda: f"{np_(A)} {where} of the image",
                 lambda: f"a picture of {np_(A)} {where}",
-                lambda: f"{np_(A)} {where} of {_article(bg())} background",
+                lambda: f"{np_(A)} {where} of {with_article(bg())} background",
             ]
     elif len(ents) == 2:
         B, b = roles[1], ents[roles[1]]["name"]
@@ -369,12 +371,12 @@ def _captions(rng: np.random.Generator, scene: dict[str, Any]) -> list[str]:
         templates = [
             lambda: f"{np_(A)} {rel(0)} {np_(B)}",
             lambda: f"{np_(B)} {rel(0, True)} {np_(A)}",
-            lambda: f"{np_(A)} {rel(0)} {np_(B)} on {_article(bg())} background",
+            lambda: f"{np_(A)} {rel(0)} {np_(B)} on {with_article(bg())} background",
             lambda: f"there is {np_(A)} {rel(0)} {np_(B)}",
-            lambda: f"{np_(A)} and {np_(B)} on {_article(bg())} background",
+            lambda: f"{np_(A)} and {np_(B)} on {with_article(bg())} background",
             lambda: f"{np_(B)} and {np_(A)}",
             lambda: f"an image of {np_(A)} {rel(0)} {np_(B)}",
-            lambda: f"{_article(bg())} background with {np_(A)} {rel(0)} {np_(B)}",
+            lambda: f"{with_article(bg())} background with {np_(A)} {rel(0)} {np_(B)}",
             lambda: f"{np_(A)} and {np_(B)}; the {a} is {rel(0)} the {b}",
             lambda: f"two shapes: {np_(B)} {rel(0, True)} {np_(A)}",
             lambda: f"{np_(A)} placed {rel(0)} {np_(B)}",
@@ -383,11 +385,11 @@ def _captions(rng: np.random.Generator, scene: dict[str, Any]) -> list[str]:
         B, C, b = roles[1], roles[2], ents[roles[1]]["name"]
         templates = [
             lambda: f"{np_(A)} {rel(0)} {np_(B)}, and {np_(C)} {rel(1)} the {b}",
-            lambda: f"{np_(A)}, {np_(B)} and {np_(C)} on {_article(bg())} background",
+            lambda: f"{np_(A)}, {np_(B)} and {np_(C)} on {with_article(bg())} background",
             lambda: f"three shapes: {np_(C)}, {np_(A)} and {np_(B)}",
             lambda: f"{np_(A)} {rel(0)} {np_(B)}; {np_(C)} is {rel(1)} the {b}",
             lambda: (
-                f"there are three shapes on {_article(bg())} background: "
+                f"there are three shapes on {with_article(bg())} background: "
                 f"{np_(B)}, {np_(C)} and {np_(A)}"
             ),
             lambda: f"{np_(C)} {rel(1)} {np_(B)} and {np_(A)} {rel(0)} the {b}",
@@ -562,6 +564,7 @@ class ShapesWorldDataset(CUBDataset):
         )
         self._entities: list[tuple[list[str], list[Path]]] = []
         self._descriptions: list[list[str]] = []
+        self._attributes: list[list[tuple[str, str, str]]] = []  # (size, colour, name)
         for key in self.keys:
             meta = json.loads((self.root / "entities" / f"{key}.json").read_text())
             ents = meta["entities"]
@@ -569,6 +572,7 @@ class ShapesWorldDataset(CUBDataset):
                 ([e["name"] for e in ents], [self.root / e["mask"] for e in ents])
             )
             self._descriptions.append([e["description"] for e in ents])
+            self._attributes.append([(e["size"], e["color"], e["name"]) for e in ents])
 
     def transform_caption(self, i: int, caption: str) -> str:
         if self.colourless_prob and not self.deterministic:
@@ -579,6 +583,17 @@ class ShapesWorldDataset(CUBDataset):
     def entity_descriptions(self, i: int) -> list[str]:
         """Image ``i``'s entity descriptions ("small red circle"), in ``entity_names`` order."""
         return list(self._descriptions[i])
+
+    def entity_phrase(self, i: int, k: int, generator: torch.Generator | None = None) -> str:
+        """Entity ``k`` of image ``i`` named as the captions name one: article, a size word
+        (a synonym) half the time, colour and shape ("a little red circle", "an orange star");
+        the draws come from `generator`."""
+        size, colour, name = self._attributes[i][k]
+        words = []
+        if float(torch.rand((), generator=generator)) < 0.5:
+            options = SIZE_WORDS[size]
+            words.append(options[int(torch.randint(len(options), (), generator=generator))])
+        return with_article(" ".join([*words, colour, name]))
 
     def load_entities(
         self, i: int, box: Box | None, size: tuple[int, int]
