@@ -96,6 +96,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 SIZES = {"small": (0.10, 0.13), "medium": (0.15, 0.18), "large": (0.20, 0.24)}  # half-extent/size
 SIZE_WORDS = {"small": ("small", "little"), "medium": ("medium-sized",), "large": ("large", "big")}
+SIZE_WORD_PROB = 0.5  # how often a caption names an entity's size
 RELATIONS = {
     "above": ("above", "over"),
     "below": ("below", "under", "beneath"),
@@ -309,6 +310,11 @@ def _sample_scene(rng: np.random.Generator, size: int) -> dict[str, Any]:
 
 
 # -- captions -------------------------------------------------------------------------------------
+def noun_phrase(size_word: str | None, colour: str, name: str) -> str:
+    """An entity as the captions name it: "a small red circle", "an orange star"."""
+    return with_article(" ".join([*([size_word] if size_word else []), colour, name]))
+
+
 def with_article(phrase: str) -> str:
     """ "orange circle" -> "an orange circle", "red circle" -> "a red circle"."""
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
@@ -334,8 +340,8 @@ def _captions(rng: np.random.Generator, scene: dict[str, Any]) -> list[str]:
 
     def np_(k: int) -> str:  # "a small red circle" / "a red circle"
         e = ents[k]
-        words = [pick(SIZE_WORDS[e["size"]])] if rng.random() < 0.5 else []
-        return with_article(" ".join([*words, e["color"], e["name"]]))
+        size_word = pick(SIZE_WORDS[e["size"]]) if rng.random() < SIZE_WORD_PROB else None
+        return noun_phrase(size_word, e["color"], e["name"])
 
     def bg() -> str:
         return pick(scene["background"]["phrases"])
@@ -585,15 +591,15 @@ class ShapesWorldDataset(CUBDataset):
         return list(self._descriptions[i])
 
     def entity_phrase(self, i: int, k: int, generator: torch.Generator | None = None) -> str:
-        """Entity ``k`` of image ``i`` named as the captions name one: article, a size word
-        (a synonym) half the time, colour and shape ("a little red circle", "an orange star");
-        the draws come from `generator`."""
+        """Entity ``k`` of image ``i`` named as the captions name one (`noun_phrase`): article,
+        a size word (a synonym) with probability `SIZE_WORD_PROB`, colour and shape ("a little
+        red circle", "an orange star"); the draws come from `generator`."""
         size, colour, name = self._attributes[i][k]
-        words = []
-        if float(torch.rand((), generator=generator)) < 0.5:
+        size_word = None
+        if float(torch.rand((), generator=generator)) < SIZE_WORD_PROB:
             options = SIZE_WORDS[size]
-            words.append(options[int(torch.randint(len(options), (), generator=generator))])
-        return with_article(" ".join([*words, colour, name]))
+            size_word = options[int(torch.randint(len(options), (), generator=generator))]
+        return noun_phrase(size_word, colour, name)
 
     def load_entities(
         self, i: int, box: Box | None, size: tuple[int, int]
