@@ -115,12 +115,8 @@ class SwappableEMA(EMAModel):
         super().__init__(
             model.parameters(), decay=decay, use_ema_warmup=use_ema_warmup, foreach=True
         )
-        self._model = [model]  # a list: not a registered sub-module of whoever holds this
+        self.model = model  # EMAModel is no nn.Module: nothing registers it
         self.active = False  # the EMA weights are in the model
-
-    @property
-    def model(self) -> nn.Module:
-        return self._model[0]
 
     def follow_device(self) -> None:
         param = next(self.model.parameters())
