@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semani.data.shapes import COLORS, ShapesWorldDataset, with_article
+from semani.data.shapes import ShapesWorldDataset
+from semani.data.shapes_generator import COLORS, with_article
 from semani.data.transforms import to_uint8
 from semani.manipulation.diff_editor import DiffEditor
 from semani.modules.diffusion_parts import decode_latents

@@ -18,7 +18,7 @@ def _torch_threads() -> None:
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ShapesWorld data set (32 train / 8 test images, 64 px) in the CUB-like layout."""
-    from semani.data.shapes import generate_shapes
+    from semani.data.shapes_generator import generate_shapes
 
     out = tmp_path_factory.mktemp("shapes") / "shapes"
     generate_shapes(out, n_train=32, n_test=8, size=64, seed=0)

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from semani.modules.gpt import GPTConfig, KVCache, SemaniGPT, text_padding_mask
+from semani.modules.gpt import GPTConfig, KVCache, SemaniGPT
+from semani.utils.text_tokens import text_padding_mask
 
 EOT = 49407
 

@@ -133,7 +133,8 @@ def test_inpaint_mask_dataset_draws_from_the_samples_entities(shapes_root) -> No
 
 def test_entity_captions_name_the_masked_entity(shapes_root) -> None:
     from semani.data.inpaint_masks import InpaintMaskDataset
-    from semani.data.shapes import SIZE_WORDS, ShapesWorldDataset
+    from semani.data.shapes import ShapesWorldDataset
+    from semani.data.shapes_generator import SIZE_WORDS
 
     base = ShapesWorldDataset(shapes_root, "train", 32, 40, deterministic=True)
     ds = InpaintMaskDataset(base, 1.0, "a photo of {word}", entity=1.0, box=0.0, stroke=0.0)

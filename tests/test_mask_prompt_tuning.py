@@ -14,7 +14,8 @@ from semani.data.base import collate_samples
 from semani.data.cub import CUBDataset
 from semani.data.datamodule import SemaniDataModule
 from semani.data.entity_crops import EntityCropDataset, NoEntitiesError
-from semani.data.shapes import SHAPES, ShapesWorldDataset
+from semani.data.shapes import ShapesWorldDataset
+from semani.data.shapes_generator import SHAPES
 from semani.models.mask_prompt_module import MaskPromptTuningModule
 from semani.modules.mask_clip import MaskPromptCLIP
 from semani.tasks.train import train

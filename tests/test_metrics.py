@@ -447,7 +447,8 @@ def test_shapes_classifier_export_round_trip(tmp_path: Path) -> None:
 def test_classifier_labels_come_from_the_image_keys(shapes_root: Path) -> None:
     from torch.utils.data import Subset
 
-    from semani.data.shapes import SHAPES, ShapesWorldDataset
+    from semani.data.shapes import ShapesWorldDataset
+    from semani.data.shapes_generator import SHAPES
     from semani.models.classifier_module import dataset_labels
 
     ds = ShapesWorldDataset(shapes_root, split="test", image_size=64, context_length=40)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from semani.data.shapes import generate_shapes
+from semani.data.shapes_generator import generate_shapes
 from tests.conftest import REPO_ROOT
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "shapesworld_tour.ipynb"

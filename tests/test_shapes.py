@@ -3,6 +3,7 @@
 import json
 import pickle
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,16 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from semani.data.shapes import (
+from semani.data.shapes import ShapesWorldDataset
+from semani.data.shapes_generator import (
     COLORS,
     LOCATIONS,
     REL_MARGIN,
     SHAPES,
-    ShapesWorldDataset,
     drop_entity_colours,
     generate_shapes,
-    main,
 )
+from tests.conftest import REPO_ROOT
 
 REL_WORDS = {
     "above": "above",
@@ -165,6 +166,11 @@ def test_dataset_reads_entities(shapes_root: Path) -> None:
 
 
 def test_cli_and_overwrite(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    try:
+        from make_shapes import main
+    finally:
+        sys.path.pop(0)
     out = tmp_path / "sw"
     args = ["--out", str(out), "--n-train", "3", "--n-test", "1", "--size", "32", "--seed", "1"]
     assert main(args) == out

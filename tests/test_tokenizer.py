@@ -70,10 +70,11 @@ def test_padding_mask_without_eot() -> None:
 
 
 def test_padding_mask_has_one_implementation() -> None:
-    """The data side re-exports the transformer's function (modules/ never imports data/)."""
+    """Data and transformer share `semani.utils.text_tokens`'s function (no data -> modules)."""
     from semani.modules import gpt
+    from semani.utils import text_tokens
 
-    assert text_padding_mask is gpt.text_padding_mask
+    assert text_padding_mask is gpt.text_padding_mask is text_tokens.text_padding_mask
 
 
 def test_decode_roundtrip(tok: TextTokenizer) -> None:

@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from semani.data.shapes import with_article
+from semani.data.shapes_generator import with_article
 
 __all__ = [
     "MASK_KINDS",

@@ -9,10 +9,10 @@ Every caption becomes a fixed-length row of ``context_length`` token ids (128 in
   ``context_length`` tokens and the LAST position is overwritten with EOT, so every row holds
   exactly one EOT (truncation keeps EOT).
 - Padding uses id 0, which is also the BPE id of "!"; padding is therefore located by the EOT
-  position (``text_padding_mask``, defined in ``semani.modules.gpt`` and re-exported here), never
-  by comparing with 0. The transformer replaces the padding positions with learned per-position
-  padding embeddings; the text loss either ignores them or, as the authors' code, predicts a
-  per-position pad class (``semani.modules.trans_losses``).
+  position (``text_padding_mask``, defined in ``semani.utils.text_tokens`` and re-exported
+  here), never by comparing with 0. The transformer replaces the padding positions with learned
+  per-position padding embeddings; the text loss either ignores them or, as the authors' code,
+  predicts a per-position pad class (``semani.modules.trans_losses``).
 
 The result is token for token ``open_clip.tokenize(texts, context_length=L)``.
 """
@@ -24,9 +24,7 @@ from collections.abc import Sequence
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
-# one implementation, kept with the transformer that embeds the padding (`modules/` must not
-# import `data/`); re-exported here for the data side
-from semani.modules.gpt import text_padding_mask
+from semani.utils.text_tokens import text_padding_mask
 
 __all__ = ["TextTokenizer", "text_padding_mask"]
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import Tensor
 
-from semani.modules.gpt import text_padding_mask
+from semani.utils.text_tokens import EOT_TOKEN, text_padding_mask
 
 __all__ = [
     "encode_image_with_patches",
@@ -35,8 +35,6 @@ __all__ = [
     "text_token_mask",
     "token_features",
 ]
-
-EOT_TOKEN = 49407  # CLIP BPE end-of-text id
 
 
 def _vision_tower(model: nn.Module) -> VisionTransformer:

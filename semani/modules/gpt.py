@@ -27,18 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from semani.utils.text_tokens import EOT_TOKEN, text_padding_mask
+
 log = logging.getLogger(__name__)
-
-
-def text_padding_mask(tokens: Tensor, eot_token: int = 49407) -> Tensor:
-    """(B, L) token ids -> (B, L) bool, True at the padding positions strictly after the first EOT.
-
-    Padding is found through the EOT (CLIP pads with id 0, which is also the BPE id of "!").
-    Rows without an EOT have no padding (all False). `eot_token` defaults to CLIP's 49407.
-    The one implementation: `semani.data.tokenizer` re-exports it.
-    """
-    is_eot = (tokens == eot_token).long()  # (B, L)
-    return (is_eot.cumsum(-1) - is_eot) > 0  # (B, L)
 
 
 @dataclass
@@ -52,7 +43,7 @@ class GPTConfig:
     image_vocab_size: int = 1024  # VQGAN codebook size (ImageNet f16, 1024 codes)
     text_len: int = 128  # text tokens (CLIP BPE, padded)
     image_len: int = 256  # image tokens (16 x 16 grid)
-    text_eot_token: int = 49407  # CLIP end-of-text id; positions after it use the pad embedding
+    text_eot_token: int = EOT_TOKEN  # CLIP end-of-text; positions after it use the pad embedding
     dropout: float = 0.0  # embedding, attention and residual dropout
     ffn: str = "geglu"  # "geglu" (paper) | "gelu" (plain MLP, for comparisons with minGPT)
     # FFN hidden width; None -> 4 * n_embd (the authors' ff_mult=4). With GEGLU the first layer
