@@ -1,5 +1,6 @@
-"""Checkpoints that load anywhere: `semani.load_model`, init_ckpt only at the start of a fit,
-frozen-part fingerprints and moved frozen files, absolute config paths, and the test step."""
+"""Checkpoints that load anywhere: `semani.load_model` (every model kind, the class a checkpoint
+names, no import circle), init_ckpt only at the start of a fit, frozen-part fingerprints and moved
+frozen files, absolute config paths, and the test step."""
 
 from __future__ import annotations
 
@@ -181,6 +182,125 @@ def test_load_model_reads_a_vqgan_and_refuses_what_is_not_ours(tmp_path: Path) -
         semani.load_model(other)
     with pytest.raises(FileNotFoundError, match="nowhere.ckpt"):
         semani.load_model(tmp_path / "nowhere.ckpt")
+
+
+def _tiny_model(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> pl.LightningModule:
+    """A tiny random model of each kind `load_model` opens (as each model's own tests build it)."""
+    torch.manual_seed(0)
+    if kind == "vqgan":
+        return VQGANModule(**VQ)
+    if kind == "semani_trans":
+        return make_module(clip=None, lambda_sem=0.0)
+    if kind == "semani_diff":
+        from semani.models.semani_diff import SemaniDiffModule
+
+        tok_dir = request.getfixturevalue("tok_dir")
+        return SemaniDiffModule(tiny={"seed": 0, "tokenizer_folder": str(tok_dir)})
+    if kind == "mask_prompt":
+        import open_clip
+
+        from semani.models.mask_prompt_module import MaskPromptTuningModule
+
+        clip_file = tmp_path / "open_clip_model.pt"
+        torch.save(open_clip.create_model("semani-shapes-ViT").state_dict(), clip_file)
+        return MaskPromptTuningModule(["circle", "square"], "semani-shapes-ViT", str(clip_file))
+    if kind == "clip":
+        from semani.models.clip_module import ClipTrainModule
+
+        return ClipTrainModule("semani-shapes-ViT", loss="clip")
+    if kind == "vae":
+        from semani.models.vae_module import VAEModule
+
+        tiny = {"seed": 0, "channels": [8, 8, 8, 8], "layers_per_block": 1, "latent_size": 8}
+        return VAEModule(tiny=tiny)
+    if kind == "classifier":
+        from semani.models.classifier_module import ClassifierModule
+
+        return ClassifierModule(width=4)
+    raise ValueError(kind)
+
+
+def _save(model: pl.LightningModule, path: Path) -> Path:
+    """What a Lightning checkpoint holds for `load_model`: hparams, weights, the class's own
+    entries."""
+    ckpt = {"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}
+    model.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path)
+    return path
+
+
+KINDS = ["vqgan", "semani_trans", "semani_diff", "mask_prompt", "clip", "vae", "classifier"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_model_opens_every_model_kind(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    model = _tiny_model(kind, request, tmp_path)
+    path = _save(model, tmp_path / f"{kind}.ckpt")
+    loaded = semani.load_model(path)
+    assert type(loaded) is type(model) and not loaded.training
+    want = model.state_dict()
+    got = loaded.state_dict()
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+
+
+def test_load_model_opens_an_official_taming_vqgan_with_its_config(tmp_path: Path) -> None:
+    from tests.test_vqgan import TINY_DDCONFIG, TamingVQ, taming_yaml
+
+    torch.manual_seed(0)
+    ref = TamingVQ(TINY_DDCONFIG, n_embed=16, embed_dim=4)
+    torch.save({"state_dict": ref.state_dict(), "epoch": 1}, tmp_path / "last.ckpt")
+    config = taming_yaml(tmp_path / "model.yaml", TINY_DDCONFIG, n_embed=16, embed_dim=4)
+    vq = semani.load_model(tmp_path / "last.ckpt", config=config)
+    assert isinstance(vq, VQGANModule) and not vq.training
+    for k, v in ref.state_dict().items():
+        assert torch.equal(vq.state_dict()[k], v), k
+    with pytest.raises(KeyError, match="config=<its model.yaml>"):  # a taming file needs config
+        semani.load_model(tmp_path / "last.ckpt")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "collections.OrderedDict",  # a class, but not ours
+        "torch.nn.Linear",
+        "semani.models.no_such_module.Model",
+        "semani.models.vqgan.NoSuchModule",
+        "semani.modules.gpt.SemaniGPT",  # ours, but no from_checkpoint_dict
+        "semani.loading.load_model",  # not a class
+        "semani..models.vqgan.VQGANModule",
+    ],
+)
+def test_load_model_refuses_a_class_it_cannot_open(name: str, tmp_path: Path) -> None:
+    path = tmp_path / "named.ckpt"
+    torch.save({"semani_model": name, "hyper_parameters": {}, "state_dict": {}}, path)
+    with pytest.raises(CheckpointMismatchError, match="load_model cannot open") as err:
+        semani.load_model(path)
+    assert str(path) in str(err.value) and repr(name) in str(err.value)
+
+
+def test_models_import_without_the_loader() -> None:
+    """No import circle: a model module imports first, in a fresh interpreter, and does not pull
+    in `semani.loading` (which imports a model only when a checkpoint names it)."""
+    code = (
+        "import sys\n"
+        "import semani.models.semani_trans\n"
+        "assert 'semani.loading' not in sys.modules, 'semani_trans imported semani.loading'\n"
+        "import semani.models.clip_module, semani.models.entityseg_module\n"
+        "import semani.models.mask_prompt_module, semani.models.semani_diff\n"
+        "import semani.models.vae_module, semani.models.classifier_module\n"
+        "assert 'semani.loading' not in sys.modules, 'a model imported semani.loading'\n"
+        "bad = sorted(m for m in sys.modules if m.startswith('semani.alignment'))\n"
+        "assert not bad, f'the models imported {bad}'\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_load_overrides_are_checked(batch: dict[str, Any], tmp_path: Path) -> None:

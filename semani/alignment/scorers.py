@@ -25,6 +25,7 @@ from semani.alignment.types import EntityProposals
 from semani.data.transforms import from_uint8
 from semani.modules.clip import ClipModel
 from semani.modules.mask_clip import MaskPromptCLIP
+from semani.modules.token_scores import DEFAULT_TEMPLATE
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -33,8 +34,6 @@ __all__ = [
     "MaskedCropClipScorer",
     "as_image",
 ]
-
-DEFAULT_TEMPLATE = "a photo of a {word}."
 
 
 @runtime_checkable

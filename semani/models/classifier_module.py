@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from semani.loading import export_dir, name_checkpoint, rebuild_strict, register_simple_model
 from semani.metrics.shapes_classifier import ShapesClassifier, class_from_key
+from semani.utils.checkpoint import export_dir, name_checkpoint, rebuild_strict
 from semani.utils.lr_schedule import cosine_warmup_config, decay_groups
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,3 @@ class ClassifierModule(pl.LightningModule):
     ) -> ClassifierModule:
         """A checkpoint already read -> a new module, loaded strictly."""
         return rebuild_strict(cls, checkpoint, source, "num_classes", **overrides)
-
-
-register_simple_model(ClassifierModule, "num_classes")

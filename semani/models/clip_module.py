@@ -47,9 +47,6 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.loss import ClipLoss
 from torch import Tensor
 
-from semani.alignment.scorers import DEFAULT_TEMPLATE
-from semani.alignment.token_scorer import entity_token_scores, word_token_features
-from semani.loading import check_overrides, export_dir, name_checkpoint, register_model
 from semani.modules.clip import clip_preprocess, resolve_pretrained
 from semani.modules.clip_tokens import (
     encode_image_with_patches,
@@ -57,11 +54,19 @@ from semani.modules.clip_tokens import (
     text_token_mask,
 )
 from semani.modules.filip import FilipLoss, filip_similarity
+from semani.modules.token_scores import (
+    DEFAULT_TEMPLATE,
+    entity_token_scores,
+    word_token_features,
+)
 from semani.utils.checkpoint import (
     CheckpointMismatchError,
+    check_overrides,
+    export_dir,
     get_state_dict,
     load_checkpoint,
     load_state_dict_strict,
+    name_checkpoint,
 )
 from semani.utils.lr_schedule import cosine_warmup_config
 from semani.utils.masks import mask_to_token_mask
@@ -400,10 +405,3 @@ def export_open_clip(checkpoint: str | os.PathLike, out: str | os.PathLike) -> P
     torch.save(weights, out)
     log.info("open_clip weights of %s (%s) written to %s", checkpoint, hp["model_name"], out)
     return out
-
-
-def _load(ckpt: dict[str, Any], source: str, **overrides: Any) -> ClipTrainModule:
-    return ClipTrainModule.from_checkpoint_dict(ckpt, source, **overrides)
-
-
-register_model(f"{__name__}.ClipTrainModule", _load)

@@ -27,11 +27,9 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from semani.alignment.segmenters.common import proposal_recall
-from semani.alignment.segmenters.mask2former import panoptic_proposals
-from semani.loading import export_dir
+from semani.modules.panoptic import mask_recall, panoptic_segments
 from semani.utils.atomic import atomic_dir
-from semani.utils.checkpoint import plain_hparams
+from semani.utils.checkpoint import export_dir, plain_hparams
 from semani.utils.lr_schedule import optimizer_config
 
 log = logging.getLogger(__name__)
@@ -116,10 +114,11 @@ class EntitySegModule(pl.LightningModule):
             ]
         return self.model(pixel_values=self.pixel_values(images), **kwargs)
 
-    def proposals(self, outputs: Any, size: tuple[int, int]) -> list[Any]:
-        """The ``mask2former`` segmenter's proposals for a batch of outputs at ``size``."""
+    def proposals(self, outputs: Any, size: tuple[int, int]) -> list[tuple[Tensor, Tensor]]:
+        """The ``mask2former`` segmenter's proposals for a batch of outputs at ``size``: per
+        image masks (K, H, W) bool and scores (K,), best first."""
         hp = self.hparams
-        return panoptic_proposals(
+        return panoptic_segments(
             outputs,
             [size] * outputs.class_queries_logits.shape[0],
             threshold=hp.threshold,
@@ -140,11 +139,11 @@ class EntitySegModule(pl.LightningModule):
         self.log(f"{split}/loss", outputs.loss, sync_dist=True, batch_size=bs)
         props = self.proposals(outputs, tuple(images.shape[-2:]))
         counts = self._recall.setdefault(split, [0, 0, 0, 0])  # hits, entities, proposals, imgs
-        for p, gt in zip(props, gts):
-            hits, total = proposal_recall(p, gt, self.hparams.iou_thresh)
+        for (masks, _), gt in zip(props, gts):
+            hits, total = mask_recall(masks, gt, self.hparams.iou_thresh)
             counts[0] += hits
             counts[1] += total
-            counts[2] += len(p)
+            counts[2] += len(masks)
             counts[3] += 1
 
     def _eval_epoch_end(self, split: str) -> None:
@@ -174,7 +173,7 @@ class EntitySegModule(pl.LightningModule):
         """Inputs, predicted proposals and ground truth as colour maps, (N, 3, H, W) in [-1, 1]."""
         images = batch["image"][:max_images].to(self.device)
         props = self.proposals(self(images), tuple(images.shape[-2:]))
-        pred = torch.stack([_colour_masks(p.masks) for p in props])
+        pred = torch.stack([_colour_masks(masks) for masks, _ in props])
         gt = torch.stack([_colour_masks(m.bool()) for m in batch["entity_masks"][:max_images]])
         return {"inputs": images, "proposals": pred, "ground_truth": gt}
 

@@ -33,9 +33,15 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch import Tensor
 
-from semani.loading import check_overrides, export_dir, name_checkpoint, register_model
 from semani.modules.mask_clip import MaskPromptCLIP, quickgelu_name
-from semani.utils.checkpoint import CheckpointMismatchError, get_state_dict, load_state_dict_strict
+from semani.utils.checkpoint import (
+    CheckpointMismatchError,
+    check_overrides,
+    export_dir,
+    get_state_dict,
+    load_state_dict_strict,
+    name_checkpoint,
+)
 from semani.utils.lr_schedule import cosine_warmup_config
 
 log = logging.getLogger(__name__)
@@ -222,10 +228,3 @@ class MaskPromptTuningModule(pl.LightningModule):
             model, get_state_dict(checkpoint, source), source, expected="a MaskPromptTuningModule"
         )
         return model
-
-
-def _load(ckpt: dict[str, Any], source: str, **overrides: Any) -> MaskPromptTuningModule:
-    return MaskPromptTuningModule.from_checkpoint_dict(ckpt, source, **overrides)
-
-
-register_model(f"{__name__}.MaskPromptTuningModule", _load)

@@ -56,7 +56,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from semani.data.inpaint_masks import MaskSampler
-from semani.loading import check_overrides, export_dir, name_checkpoint, register_model
 from semani.models.diff_training import (
     PREDICTION_TYPES,
     SwappableEMA,
@@ -70,8 +69,11 @@ from semani.modules.diffusion_parts import encode_text, latent_mask, tokenize_te
 from semani.utils.atomic import atomic_dir
 from semani.utils.checkpoint import (
     CheckpointMismatchError,
+    check_overrides,
+    export_dir,
     get_state_dict,
     load_state_dict_strict,
+    name_checkpoint,
     plain_hparams,
 )
 from semani.utils.lr_schedule import cosine_warmup_config, decay_groups
@@ -557,10 +559,3 @@ class SemaniDiffModule(pl.LightningModule):
         model.on_load_checkpoint(dict(checkpoint))
         log.info("loaded SemaniDiffModule from %s", source)
         return model
-
-
-def _load(ckpt: dict[str, Any], source: str, **overrides: Any) -> SemaniDiffModule:
-    return SemaniDiffModule.from_checkpoint_dict(ckpt, source, **overrides)
-
-
-register_model(f"{__name__}.SemaniDiffModule", _load)

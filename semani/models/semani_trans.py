@@ -44,21 +44,23 @@ import torch
 from torch import Tensor, nn
 
 from semani.data.transforms import to_grayscale
-from semani.loading import check_overrides, name_checkpoint
 from semani.manipulation.sampling import sample_image_tokens
 from semani.models.vqgan import VQGANModule
 from semani.modules.clip import ClipModel
-from semani.modules.gpt import GPTConfig, SemaniGPT, text_padding_mask
+from semani.modules.gpt import GPTConfig, SemaniGPT
 from semani.modules.trans_losses import SemaniTransLoss
 from semani.utils.checkpoint import (
     CheckpointMismatchError,
+    check_overrides,
     get_state_dict,
     load_checkpoint,
     load_state_dict_strict,
+    name_checkpoint,
     plain_hparams,
     state_fingerprint,
 )
 from semani.utils.lr_schedule import optimizer_config
+from semani.utils.text_tokens import text_padding_mask
 
 log = logging.getLogger(__name__)
 

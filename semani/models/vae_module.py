@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from semani.loading import export_dir, name_checkpoint, rebuild_strict, register_simple_model
 from semani.modules.diffusion_parts import tiny_vae
 from semani.utils.atomic import atomic_dir
-from semani.utils.checkpoint import plain_hparams
+from semani.utils.checkpoint import export_dir, name_checkpoint, plain_hparams, rebuild_strict
 from semani.utils.lr_schedule import cosine_warmup_config, decay_groups
 
 log = logging.getLogger(__name__)
@@ -188,6 +187,3 @@ class VAEModule(pl.LightningModule):
     ) -> VAEModule:
         """A checkpoint already read -> a new module, loaded strictly."""
         return rebuild_strict(cls, checkpoint, source, "kl_weight", **overrides)
-
-
-register_simple_model(VAEModule, "kl_weight")

@@ -158,11 +158,16 @@ class VQGANModule(pl.LightningModule):
     # ----------------------------------------------------------------------------- loading
     @classmethod
     def from_taming(
-        cls, ckpt_path: str | os.PathLike, config_path: str | os.PathLike, with_loss: bool = False
+        cls,
+        ckpt_path: str | os.PathLike,
+        config_path: str | os.PathLike,
+        with_loss: bool = False,
+        checkpoint: Mapping[str, Any] | None = None,
     ) -> VQGANModule:
         """Load an official taming VQGAN (``last.ckpt`` + its ``model.yaml``) strictly.
 
         Without ``with_loss`` the ``loss.*`` weights (discriminator, LPIPS) are dropped by name.
+        ``checkpoint``: ``ckpt_path`` already read (then it is not read again).
         """
         config_path = Path(config_path)
         if not config_path.is_file():
@@ -192,7 +197,8 @@ class VQGANModule(pl.LightningModule):
             loss=loss,
             learning_rate=model_cfg.get("base_learning_rate", 4.5e-6),
         )
-        sd = get_state_dict(load_checkpoint(ckpt_path), ckpt_path)
+        ckpt = checkpoint if checkpoint is not None else load_checkpoint(ckpt_path)
+        sd = get_state_dict(ckpt, ckpt_path)
         if not with_loss:
             sd = _drop_loss_keys(sd, ckpt_path)
         load_state_dict_strict(model, sd, str(ckpt_path), expected="a taming VQModel state_dict")
@@ -202,28 +208,49 @@ class VQGANModule(pl.LightningModule):
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, with_loss: bool = False) -> VQGANModule:
         """Load one of our own Lightning checkpoints (hparams + state_dict) strictly."""
-        ckpt = load_checkpoint(path)
-        hp = ckpt.get("hyper_parameters")
+        return cls.from_checkpoint_dict(load_checkpoint(path), str(path), with_loss=with_loss)
+
+    @classmethod
+    def from_checkpoint_dict(
+        cls, checkpoint: Mapping[str, Any], source: str, **overrides: Any
+    ) -> VQGANModule:
+        """A checkpoint already read -> a new module, loaded strictly (`semani.load_model`).
+
+        Overrides: ``with_loss=True`` keeps the discriminator / LPIPS weights;
+        ``config=<model.yaml>`` reads ``checkpoint`` as an official taming one (``from_taming``).
+        """
+        config = overrides.pop("config", None)
+        unknown = sorted(overrides.keys() - {"with_loss"})
+        if unknown:
+            raise TypeError(
+                f"unknown VQGAN overrides {unknown}; known: with_loss (and "
+                "config=<taming model.yaml> for an official taming checkpoint)"
+            )
+        with_loss = overrides.get("with_loss", False)
+        if config is not None:
+            return cls.from_taming(source, config, with_loss, checkpoint=checkpoint)
+        hp = checkpoint.get("hyper_parameters")
         if not isinstance(hp, Mapping):
             raise KeyError(
-                f"checkpoint '{path}' has no 'hyper_parameters' (top-level keys: "
-                f"{sorted(ckpt)[:8]}); for an official taming checkpoint use "
-                "VQGANModule.from_taming(ckpt_path, config_path)"
+                f"checkpoint '{source}' has no 'hyper_parameters' (top-level keys: "
+                f"{sorted(checkpoint)[:8]}); for an official taming checkpoint use "
+                "VQGANModule.from_taming(ckpt_path, config_path) or semani.load_model(path, "
+                "config=<its model.yaml>)"
             )
         required, unknown = {"ddconfig", "n_embed", "embed_dim"} - set(hp), set(hp) - set(_HPARAMS)
         if required or unknown:
             raise KeyError(
-                f"checkpoint '{path}' is not a VQGANModule checkpoint: its hyper_parameters lack "
-                f"{sorted(required)} and have unexpected {sorted(unknown)[:5]}; expected "
+                f"checkpoint '{source}' is not a VQGANModule checkpoint: its hyper_parameters "
+                f"lack {sorted(required)} and have unexpected {sorted(unknown)[:5]}; expected "
                 f"{list(_HPARAMS)}"
             )
         hp = dict(hp)
-        sd = get_state_dict(ckpt, path)
+        sd = get_state_dict(checkpoint, source)
         if not with_loss:
-            hp["loss"], sd = None, _drop_loss_keys(sd, path)
+            hp["loss"], sd = None, _drop_loss_keys(sd, source)
         model = cls(**hp)
-        load_state_dict_strict(model, sd, str(path), expected="a VQGANModule state_dict")
-        log.info("loaded VQGAN from %s", path)
+        load_state_dict_strict(model, sd, source, expected="a VQGANModule state_dict")
+        log.info("loaded VQGAN from %s", source)
         return model
 
     # ----------------------------------------------------------------------------- model

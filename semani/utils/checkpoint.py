@@ -6,21 +6,33 @@ reference a few Lightning classes as metadata (the ModelCheckpoint class is the 
 ``callbacks`` dict). Those exact names, and only those, are mapped to an inert stand-in class
 through ``torch.serialization.safe_globals``; nothing from Lightning is imported or run. Any other
 global makes the load fail with an error that names it.
+
+The models' side of `semani.load_model` lives here too, so that a model module imports it without
+importing the loader: `MODEL_KEY` / `name_checkpoint` (the class that wrote a checkpoint),
+`rebuild_strict` and `check_overrides` (a `from_checkpoint_dict` in a few lines) and `export_dir`
+(where a finished fit writes its export).
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import os
 import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # annotations only: modules/ import this file and never import Lightning
+    import pytorch_lightning as pl
+
+MODEL_KEY = "semani_model"  # the checkpoint entry naming the class that wrote it
+M = TypeVar("M", bound=nn.Module)
 
 
 def plain_hparams(obj: Any) -> Any:
@@ -189,3 +201,46 @@ def state_fingerprint(module: nn.Module | Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(sd[name].shape)}|".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def check_overrides(cls: type, overrides: Mapping[str, Any]) -> None:
+    """TypeError naming the load-time overrides that are no constructor argument of `cls`."""
+    known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown {cls.__name__} overrides {unknown}; known: {sorted(known)}")
+
+
+def name_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Write the class that `load_model` must use into `checkpoint` (call it from
+    `on_save_checkpoint`)."""
+    checkpoint[MODEL_KEY] = f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def export_dir(module: pl.LightningModule) -> Path | None:
+    """`<run>/<hparams.export_dir>` where a finished fit writes its export, or None when there
+    is nothing to write (no `export_dir`, a fast_dev_run, or not the global-zero process)."""
+    trainer = module.trainer
+    folder = module.hparams.get("export_dir")
+    if not folder or trainer.fast_dev_run or not trainer.is_global_zero:
+        return None
+    return Path(trainer.default_root_dir) / folder
+
+
+def rebuild_strict(
+    cls: type[M], checkpoint: Mapping[str, Any], source: str, marker: str, **overrides: Any
+) -> M:
+    """A checkpoint already read -> `cls(**its hyper-parameters, **overrides)` with its weights
+    loaded strictly. `marker`: a hyper-parameter every checkpoint of `cls` has (anything else is
+    a `CheckpointMismatchError` naming the file)."""
+    hp = checkpoint.get("hyper_parameters")
+    if not isinstance(hp, Mapping) or marker not in hp:
+        raise CheckpointMismatchError(
+            f"checkpoint '{source}' is not a {cls.__name__} checkpoint (its hyper_parameters "
+            f"have no {marker!r})"
+        )
+    check_overrides(cls, overrides)
+    model = cls(**{**dict(hp), **overrides})
+    state = get_state_dict(checkpoint, source)
+    load_state_dict_strict(model, state, source, expected=f"a {cls.__name__}")
+    return model
