@@ -16,9 +16,9 @@ The other two are read off the pixels with the generator's palette (``semani.dat
   is the same with the colours of another image's caption (the chance level to beat).
 - **manipulation** (eL-TGIM): the first entity's colour word is replaced by an unused colour, its
   mask turned into a token mask, and the tokens there re-sampled with vision guidance
-  (``TransEditor``). ``edit_success`` is the fraction of edits where, inside the entity mask, the
-  new colour covers more pixels than the old one; ``outside_l2`` is the mean squared difference
-  (images in [-1, 1]), outside the token mask's pixels, between the edit and the VQGAN
+  (``TransTokenEditor``). ``edit_success`` is the fraction of edits where, inside the entity
+  mask, the new colour covers more pixels than the old one; ``outside_l2`` is the mean squared
+  difference (images in [-1, 1]), outside the token mask's pixels, between the edit and the VQGAN
   reconstruction of the unedited tokens (forced tokens are equal: only the decoder's receptive
   field lets an edit bleed out).
 """
@@ -34,10 +34,11 @@ import torch
 import torch.nn.functional as F
 
 import semani
-from semani.data.shapes import COLORS, ShapesWorldDataset
+from semani.data.shapes import ShapesWorldDataset
+from semani.data.shapes_generator import COLORS
 from semani.data.tokenizer import TextTokenizer
 from semani.manipulation.sampling import sample_image_tokens
-from semani.manipulation.trans import MaskTooSmallError, TransEditor, mask_to_token_mask
+from semani.manipulation.trans import MaskTooSmallError, TransTokenEditor, mask_to_token_mask
 from semani.models.semani_trans import SemaniTransModule
 from semani.modules.trans_losses import image_loss
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_shuffled = sum(min(len(ents[i]), len(ents[(i + n // 2) % n])) for i in range(n))
 
     # ---- manipulation: recolour the first entity
-    editor = TransEditor(gpt, vqgan, tok, filter_thres=args.filter_thres)
+    editor = TransTokenEditor(gpt, vqgan, tok, filter_thres=args.filter_thres)
     success, edits, outside = 0, 0, []
     edited_images = []
     for i in range(n):

@@ -54,7 +54,7 @@ class Stage:
     export_key: an override that points the export into the run folder (`<run>/<export>`).
     clip_key: when the composed config trains with a weightless `semani-shapes-ViT` CLIP
         (`lambda_sem > 0`), this key gets clip_shapes' installed export.
-    consumers: (primary config, experiment or None, key) that read the installed export.
+    consumers: (primary config, its overrides or None, key) that read the installed export.
     """
 
     name: str
@@ -67,37 +67,42 @@ class Stage:
     consumers: tuple[tuple[str, str | None, str], ...] = ()
 
 
-_EVALS = ("eval_semani_diff_shapes", "eval_semani_trans_shapes", "eval_blended_ldm_shapes")
+_TABLE1 = "protocol=table1 data=shapes method="
+_DIFF, _TRANS, _BLENDED = (
+    f"{_TABLE1}{m}_shapes" for m in ("semani_diff", "semani_trans", "blended_ldm")
+)
+_EVALS = (_DIFF, _TRANS, _BLENDED)
 # in dependency order: every input comes from an earlier stage
 STAGES: tuple[Stage, ...] = (
     Stage("vqgan_shapes", "checkpoints/last.ckpt", "vqgan_shapes/last.ckpt",
-          consumers=(("train", "semani_trans_shapes", "model.vqgan.ckpt_path"),)),
+          consumers=(("train", "experiment=semani_trans_shapes", "model.vqgan.ckpt_path"),)),
     Stage("clip_shapes", "clip/open_clip_model.pt", f"clip/{SHAPES_CLIP}.pt",
           consumers=(*((("eval", e, "alignment.scorer.pretrained")) for e in _EVALS),
-                     ("eval", "eval_semani_diff_shapes", "metrics.clip_pretrained"),
+                     ("eval", _DIFF, "metrics.clip_pretrained"),
+                     ("eval", "protocol=alignment data=shapes", "study.clip"),
                      ("app", None, "shapes.alignment.scorer.pretrained"))),
     Stage("semani_trans_shapes", "checkpoints/last.ckpt", "semani_trans_shapes/last.ckpt",
           inputs=(("model.vqgan.ckpt_path", "vqgan_shapes"),), clip_key="model.clip.pretrained",
-          consumers=(("eval", "eval_semani_trans_shapes", "editor.ckpt"),)),
+          consumers=(("eval", _TRANS, "editor.ckpt"),)),
     Stage("mask_prompt_shapes", "mask_prompt/mask_prompt.pt", "mask_prompt_shapes/mask_prompt.pt",
           inputs=(("model.pretrained", "clip_shapes"),),
-          consumers=(("eval", "eval_semani_diff_shapes", "alignment.scorer.mask_prompt"),
-                     ("eval", "eval_blended_ldm_shapes", "alignment.scorer.mask_prompt"))),
+          consumers=(("eval", _DIFF, "alignment.scorer.mask_prompt"),
+                     ("eval", _BLENDED, "alignment.scorer.mask_prompt"))),
     Stage("entityseg_shapes", "entityseg_hf", "entityseg_shapes", export_key="model.export_dir",
           consumers=(*((("eval", e, "alignment.segmenter.model_name_or_path")) for e in _EVALS),
-                     ("eval", "eval_alignment_shapes", "study.entityseg"),
+                     ("eval", "protocol=alignment data=shapes", "study.entityseg"),
                      ("app", None, "shapes.alignment.segmenter.model_name_or_path"))),
     Stage("classifier_shapes", "classifier/shapes_classifier.pt",
           "classifier/shapes_classifier.pt",
-          consumers=(("eval", "eval_semani_diff_shapes", "metrics.classifier.path"),)),
+          consumers=(("eval", _DIFF, "metrics.classifier.path"),)),
     Stage("vae_shapes", "vae", "vae_shapes"),
     # the VAE stage's latent space stays fixed (no joint training) with its own scaling factor
     Stage("semani_diff_shapes", "diffusers", "semani_diff_shapes",
           inputs=(("model.vae", "vae_shapes"),),
           extra=("model.vae_scaling_factor=null", "model.train_vae=false",
                  "model.cache_latents=true"),
-          consumers=(("eval", "eval_semani_diff_shapes", "editor.source"),
-                     ("eval", "eval_blended_ldm_shapes", "editor.source"),
+          consumers=(("eval", _DIFF, "editor.source"),
+                     ("eval", _BLENDED, "editor.source"),
                      ("app", None, "shapes.editor.source"))),
 )  # fmt: skip
 STAGE_BY_NAME = {s.name: s for s in STAGES}
@@ -318,7 +323,7 @@ def make_plans(args: argparse.Namespace, selected: list[Stage]) -> list[Plan]:
 def _consumers(stage: Stage) -> str:
     """Who reads the installed export: later stages (through this script) and the configs."""
     readers = [f"{s.name} {key}" for s in STAGES for key, src in s.inputs if src == stage.name]
-    readers += [f"{exp or cfg} {key}" for cfg, exp, key in stage.consumers]
+    readers += [f"{over or cfg}: {key}" for cfg, over, key in stage.consumers]
     return ", ".join(dict.fromkeys(readers))
 
 

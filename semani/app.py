@@ -1,13 +1,12 @@
 """`python -m semani.app`: the Gradio demo of entity-level editing (paper §4.5; configs/app.yaml).
 
-    python -m semani.app editor=semani_diff editor.source=<diffusers inpainting folder> \
+    python -m semani.app method=semani_diff editor.source=<diffusers inpainting folder> \
         alignment/segmenter=mask2former server_port=7860
 
 Upload an image, type the word naming the entity and the target text (or, with no word,
 several edits "bird: a blue bird | branch: a snowy branch"), set the sampler's steps and
-guidance, the seed and the selection threshold. Each request runs the command-line path of
-`semani.tasks.manipulate` (`plan_edits`, `align_edits`, `apply_edits`) with models built once at
-start (`build_editor`, `build_aligner`), and shows:
+guidance, the seed and the selection threshold. Each request runs `semani.EntityEditPipeline`
+(the path of `manipulate.py`), built once at start from the `method` configuration, and shows:
 
 - the entity proposals over the image, each labelled with its similarity to the word, and a
   table of every proposal (similarity per word, which were chosen, segmenter score, area);
@@ -15,16 +14,15 @@ start (`build_editor`, `build_aligner`), and shows:
 - one message: what was done, or why not (an entity that is not found lists the best proposals
   and their similarities; an unreadable image; an empty text; ...), never a traceback.
 
-Models (`load_models`): the configured editor and aligner; when their weights are missing (or
-they fail to load), the ShapesWorld models of `cfg.shapes`, with ShapesWorld test images as
-examples; when those are missing too, the app starts anyway and names the missing files and the
-commands that make them.
+Models (`load_models`): the configured method's pipeline; when its weights are missing (the
+method's `weights` list) or it fails to load, the ShapesWorld models of `cfg.shapes`, with
+ShapesWorld test images as examples; when those are missing too, the app starts anyway and
+names the missing files and the commands that make them.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import logging
 import os
@@ -34,34 +32,21 @@ from typing import Any
 
 import hydra
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from semani.alignment.aligner import EntityAligner
 from semani.alignment.types import EntityNotFoundError, EntityProposals
-from semani.data.transforms import image_to_tensor
-from semani.tasks.manipulate import (
-    USER_ERRORS,
-    align_edits,
-    apply_edits,
-    build_aligner,
-    build_editor,
-    one_line,
-    plan_edits,
-)
+from semani.pipeline import EntityEditPipeline, plan_edits
+from semani.utils.errors import USER_ERRORS, one_line
 from semani.utils.image_io import read_image
 from semani.utils.task_utils import extras
+from semani.utils.weights import missing_weights
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EditOutputs", "Models", "build_app", "launch", "load_models", "main", "run_edit"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-# config keys that hold weights (a path that must exist when it is absolute; else a hub name)
-WEIGHT_KEYS = frozenset(
-    "source ckpt weights model_name_or_path pretrained ovseg_ckpt mask_prompt repo_dir".split()
-)
 # the table's columns before any proposal
 EMPTY_TABLE = ["proposal", "similarity", "chosen for", "segmenter score", "area %"]
 # proposal colours in the overlay (matplotlib's tab10)
@@ -78,12 +63,11 @@ class MissingWeightsError(FileNotFoundError):
 
 @dataclass
 class Models:
-    """What the app edits with: an editor and an aligner (None when nothing loads), which set
-    they are ("configured", "ShapesWorld" or "none"), a Markdown notice for the page (why the
-    fallback, or what is missing) and example rows [image, entity, text]."""
+    """What the app edits with: the pipeline (None when nothing loads), which set it is
+    ("configured", "ShapesWorld" or "none"), a Markdown notice for the page (why the fallback,
+    or what is missing) and example rows [image, entity, text]."""
 
-    editor: Any = None
-    aligner: EntityAligner | None = None
+    pipeline: EntityEditPipeline | None = None
     kind: str = "none"
     notice: str = ""
     examples: list[list[str]] = field(default_factory=list)
@@ -107,36 +91,26 @@ class EditOutputs:
 # models
 
 
-def missing_files(node: Any) -> list[str]:
-    """The absolute paths under `WEIGHT_KEYS` of a config node (recursively) that do not exist."""
-    if isinstance(node, DictConfig):
-        node = OmegaConf.to_container(node, resolve=True)
-    found: list[str] = []
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in WEIGHT_KEYS and isinstance(value, str):
-                if os.path.isabs(value) and not os.path.exists(value):
-                    found.append(value)
-            else:
-                found += missing_files(value)
-    elif isinstance(node, list):
-        for value in node:
-            found += missing_files(value)
-    return found
-
-
-def _build(editor_cfg: DictConfig, alignment_cfg: DictConfig) -> tuple[Any, EntityAligner]:
-    missing = missing_files(editor_cfg) + missing_files(alignment_cfg)
+def _build(cfg: DictConfig) -> EntityEditPipeline:
+    """The pipeline of a node with `editor`, `alignment` and `weights` (missing files first)."""
+    missing = missing_weights(cfg)
     if missing:
-        raise MissingWeightsError(missing)
-    return build_editor(editor_cfg), build_aligner(alignment_cfg)
+        raise MissingWeightsError([m.path or f"{m.key} (not set)" for m in missing])
+    return EntityEditPipeline.from_config(cfg)
 
 
-def _shapes_alignment(cfg: DictConfig) -> DictConfig:
-    """`cfg.alignment` with the segmenter and scorer of `cfg.shapes.alignment` (whole nodes)."""
+def _shapes_config(cfg: DictConfig) -> DictConfig:
+    """The ShapesWorld fallback as a pipeline config: `cfg.shapes.editor`, `cfg.alignment` with
+    the segmenter and scorer of `cfg.shapes.alignment` (whole nodes), `cfg.shapes.weights`."""
     alignment = OmegaConf.to_container(cfg.alignment, resolve=True)
     alignment.update(OmegaConf.to_container(cfg.shapes.alignment, resolve=True))
-    return OmegaConf.create(alignment)
+    return OmegaConf.create(
+        {
+            "editor": OmegaConf.to_container(cfg.shapes.editor, resolve=True),
+            "alignment": alignment,
+            "weights": OmegaConf.to_container(cfg.shapes.weights, resolve=True),
+        }
+    )
 
 
 def _reason(err: BaseException) -> str:
@@ -146,11 +120,10 @@ def _reason(err: BaseException) -> str:
 
 
 def load_models(cfg: DictConfig) -> Models:
-    """The configured editor and aligner, else the ShapesWorld ones (`cfg.shapes`), else none;
-    the notice says which and why (see the module docstring)."""
+    """The configured pipeline, else the ShapesWorld one (`cfg.shapes`), else none; the notice
+    says which and why (see the module docstring)."""
     try:
-        editor, aligner = _build(cfg.editor, cfg.alignment)
-        return Models(editor, aligner, "configured")
+        return Models(_build(cfg), "configured")
     except USER_ERRORS as err:
         configured = err
         log.warning("the configured models cannot be loaded: %s", one_line(err))
@@ -159,7 +132,7 @@ def load_models(cfg: DictConfig) -> Models:
     if not cfg.shapes.enabled:
         return Models(notice=f"**No models loaded.** {notice}")
     try:
-        editor, aligner = _build(cfg.shapes.editor, _shapes_alignment(cfg))
+        pipeline = _build(_shapes_config(cfg))
     except USER_ERRORS as err:
         log.warning("the ShapesWorld models cannot be loaded either: %s", one_line(err))
         log.debug("ShapesWorld models", exc_info=True)
@@ -174,14 +147,14 @@ def load_models(cfg: DictConfig) -> Models:
     log.info("using the ShapesWorld models")
     notice += " Using the ShapesWorld models instead (64 px shapes; try the examples below)."
     examples = shapes_examples(cfg.shapes.examples_dir, int(cfg.shapes.num_examples))
-    return Models(editor, aligner, "ShapesWorld", notice, examples)
+    return Models(pipeline, "ShapesWorld", notice, examples)
 
 
 def shapes_examples(root: str | os.PathLike, n: int) -> list[list[str]]:
     """[image path, entity, text] for the first `n` ShapesWorld test images: each image's first
     entity, recoloured ("circle" -> "a blue circle"); [] when there is no ShapesWorld at `root`."""
     from semani.data.base import load_filenames
-    from semani.data.shapes import COLORS
+    from semani.data.shapes_generator import COLORS
 
     root = Path(root)
     try:
@@ -203,26 +176,30 @@ def shapes_examples(root: str | os.PathLike, n: int) -> list[list[str]]:
 # one request
 
 
-def _with_selection(aligner: EntityAligner, threshold: float | None, strict: bool) -> Any:
-    """A shallow copy of `aligner` (same models) with this request's selection rule: a
-    threshold turns on threshold selection; strict makes a word below it not found."""
-    aligner = copy.copy(aligner)
+def _with_selection(
+    pipeline: EntityEditPipeline, threshold: float | None, strict: bool
+) -> EntityEditPipeline:
+    """A shallow copy of `pipeline` (same models) whose aligner has this request's selection
+    rule: a threshold turns on threshold selection; strict makes a word below it not found."""
+    aligner = copy.copy(pipeline.aligner)
     if threshold is not None:
         aligner.selection, aligner.threshold = "threshold", float(threshold)
     aligner.threshold_mode = "strict" if strict else "keep_best"
     if strict and aligner.threshold is None:
         raise ValueError(f"strict needs a threshold: {type(aligner.scorer).__name__} has none")
-    return aligner
+    return EntityEditPipeline(aligner, pipeline.editor)
 
 
-def _sampler(editor: Any, steps: int | None, guidance: float | None) -> dict[str, Any]:
-    """The `steps=` / `guidance_scale=` that `editor.edit` takes (SeMani-Trans takes neither)."""
-    params = inspect.signature(editor.edit).parameters
+def _sampler(
+    pipeline: EntityEditPipeline, steps: int | None, guidance: float | None
+) -> dict[str, Any]:
+    """The `steps=` / `guidance_scale=` the editor takes (SeMani-Trans takes neither)."""
     given = {
         "steps": None if steps is None else int(steps),
         "guidance_scale": None if guidance is None else float(guidance),
     }
-    return {k: v for k, v in given.items() if k in params and v is not None}
+    options = pipeline.sampler_options
+    return {k: v for k, v in given.items() if k in options and v is not None}
 
 
 def _fmt(sim: float) -> str:
@@ -287,7 +264,7 @@ def run_edit(
 ) -> EditOutputs:
     """Find the entity `entity` names in `image` (a path) and re-paint it after `text` (see the
     module docstring); every expected failure becomes the message."""
-    if models.editor is None:
+    if models.pipeline is None:
         return EditOutputs(models.notice or "no models loaded")
     path = _upload_path(image)
     if not path:
@@ -296,12 +273,17 @@ def run_edit(
     source = None
     try:
         source = read_image(path)
-        plan = plan_edits(text or "", (entity or "").strip() or None, has_mask=False)
-        aligner = _with_selection(models.aligner, threshold, bool(strict))
-        with torch.inference_mode():
-            proposals = aligner.propose(image_to_tensor(source))
-        token_grid = getattr(models.editor, "token_grid", None)
-        edits = align_edits(aligner, source, plan, token_grid, proposals)
+        pipeline = _with_selection(models.pipeline, threshold, bool(strict))
+        plan_edits(text or "", (entity or "").strip() or None, has_mask=False)  # before proposing
+        proposals = pipeline.propose(source)
+        result = pipeline(
+            source,
+            text or "",
+            entity=(entity or "").strip() or None,
+            seed=None if seed is None else int(seed),
+            proposals=proposals,
+            **_sampler(pipeline, steps, guidance),
+        )
     except EntityNotFoundError as err:
         if proposals is not None:
             word_sims[err.word] = [float("nan")] * len(proposals)
@@ -311,32 +293,23 @@ def run_edit(
     except USER_ERRORS as err:
         log.debug("request failed", exc_info=True)
         return _outputs(f"error: {one_line(err)}", source, proposals, word_sims, chosen)
-    for e in edits:
-        word_sims[e.word] = e.result.similarities.tolist()
-        chosen.setdefault(e.word, []).extend(e.result.chosen)
-    masks = [e.result.mask.cpu().numpy() for e in edits]  # (H, W) bool each
-    seed = None if seed is None else int(seed)
-    try:
-        result = apply_edits(
-            models.editor, source, plan, masks, seed, **_sampler(models.editor, steps, guidance)
-        )
-    except USER_ERRORS as err:
-        log.debug("edit failed", exc_info=True)
-        return _outputs(f"error: {one_line(err)}", source, proposals, word_sims, chosen)
-    union = np.logical_or.reduce(masks)  # (H, W) bool
+    for e in result.edits:
+        word_sims[e.word] = e.alignment.similarities.tolist()
+        chosen.setdefault(e.word, []).extend(e.alignment.chosen)
     picked = "; ".join(
-        f"{e.word!r} -> " + ", ".join(f"#{i}" for i in e.result.chosen) for e in edits
+        f"{e.word!r} -> " + ", ".join(f"#{i}" for i in e.alignment.chosen) for e in result.edits
     )
+    n = len(result.edits)
     out = _outputs(
-        f"Edited {len(edits)} entit{'y' if len(edits) == 1 else 'ies'} ({picked}), "
-        f"{100 * union.mean():.1f}% of the image.",
+        f"Edited {n} entit{'y' if n == 1 else 'ies'} ({picked}), "
+        f"{100 * result.mask.mean():.1f}% of the image.",
         source,
         proposals,
         word_sims,
         chosen,
     )
-    out.mask = Image.fromarray(union.astype(np.uint8) * 255, "L")
-    out.result = result
+    out.mask = result.mask_image()
+    out.result = result.image
     return out
 
 
@@ -363,8 +336,9 @@ def build_app(cfg: DictConfig, models: Models) -> Any:
     import gradio as gr
     import pandas as pd
 
-    editor = models.editor
-    params = inspect.signature(editor.edit).parameters if editor is not None else {}
+    pipeline = models.pipeline
+    editor = pipeline.editor if pipeline is not None else None
+    options = pipeline.sampler_options if pipeline is not None else ()
 
     def edit(image, entity, text, steps, guidance, seed, threshold, strict):
         try:
@@ -417,7 +391,7 @@ def build_app(cfg: DictConfig, models: Models) -> Any:
                         value=getattr(editor, "steps", 50) or 50,
                         step=1,
                         label="steps",
-                        visible="steps" in params,
+                        visible="steps" in options,
                     )
                     guidance = gr.Slider(
                         0.0,
@@ -425,7 +399,7 @@ def build_app(cfg: DictConfig, models: Models) -> Any:
                         value=getattr(editor, "guidance_scale", 7.5),
                         step=0.5,
                         label="guidance",
-                        visible="guidance_scale" in params,
+                        visible="guidance_scale" in options,
                     )
                 with gr.Row():
                     seed = gr.Number(value=cfg.get("seed", 0), precision=0, label="seed")

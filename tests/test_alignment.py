@@ -343,7 +343,7 @@ class _FakeSegmenter:
     def __init__(self, proposals: EntityProposals) -> None:
         self.proposals = proposals
 
-    def segment(self, image):
+    def segment(self, image, sample=None):
         return self.proposals
 
 

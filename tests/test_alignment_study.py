@@ -1,5 +1,5 @@
 """The alignment study: selection accuracy / mIoU / chance on cases whose answer is known, and
-`eval.py experiment=eval_alignment_shapes` end to end on random weights."""
+`eval.py protocol=alignment data=shapes` end to end on random weights."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def test_eval_alignment_shapes_writes_its_tables(shapes_root: Path, tmp_path: Pa
     torch.save(open_clip.create_model("semani-shapes-ViT").state_dict(), clip)
     cfg = compose(
         "eval",
-        ["experiment=eval_alignment_shapes", f"data.root={shapes_root}", f"study.clip={clip}",
+        ["protocol=alignment", "data=shapes", f"data.root={shapes_root}", f"study.clip={clip}",
          "study.entityseg=null", "study.max_images=3", "extras.print_config=false"],
         tmp_path,
     )  # fmt: skip
@@ -133,9 +133,9 @@ def test_eval_alignment_shapes_writes_its_tables(shapes_root: Path, tmp_path: Pa
 def test_a_missing_segmenter_says_how_to_leave_it_out(shapes_root: Path, tmp_path: Path) -> None:
     cfg = compose(
         "eval",
-        ["experiment=eval_alignment_shapes", f"data.root={shapes_root}", "study.clip=null",
+        ["protocol=alignment", "data=shapes", f"data.root={shapes_root}", "study.clip=null",
          f"study.entityseg={tmp_path / 'absent'}", "extras.print_config=false"],
         tmp_path,
     )  # fmt: skip
-    with pytest.raises(Exception, match="study.segmenters.entityseg_shapes=null"):
+    with pytest.raises(SystemExit, match="study.segmenters.entityseg_shapes=null"):
         eval_main(cfg)

@@ -44,7 +44,7 @@ def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _models(prefix: str, inpaint: Path, m2f: Path) -> list[str]:
     """Tiny SeMani-Diff (2 steps) and a tiny Mask2Former + random CLIP on masked crops."""
     return [
-        f"{prefix}editor.source={inpaint}", f"{prefix}editor.steps=2",
+        f"{prefix}editor.source={inpaint}", f"{prefix}editor.steps=2", f"{prefix}editor.side=null",
         f"{prefix}alignment.segmenter.model_name_or_path={m2f}",
         f"{prefix}alignment.segmenter.threshold=0.1",
         f"{prefix}alignment.segmenter.overlap_mask_area_threshold=0",
@@ -176,7 +176,7 @@ def test_shapes_fallback_with_examples(
 def test_no_weights_starts_with_a_message(tmp_path: Path, photo: Path) -> None:
     cfg = compose("app", [f"paths.pretrained_dir={tmp_path / 'empty'}"], tmp_path)
     models = load_models(cfg)
-    assert models.kind == "none" and models.editor is None
+    assert models.kind == "none" and models.pipeline is None
     notice = models.notice
     assert notice.startswith("**No models loaded.**")
     assert str(tmp_path / "empty" / "stable-diffusion-inpainting") in notice  # configured
@@ -190,11 +190,11 @@ def test_no_weights_starts_with_a_message(tmp_path: Path, photo: Path) -> None:
 def test_command_line_composes(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    """`python -m semani.app editor=... server_port=...`: the @hydra.main finds configs/app.yaml
+    """`python -m semani.app method=... server_port=...`: the @hydra.main finds configs/app.yaml
     (`--cfg job` prints the composed config instead of serving)."""
     from semani.app import main
 
-    argv = ["semani.app", "editor=semani_diff", "editor.source=/x/sd", "server_port=7861",
+    argv = ["semani.app", "method=semani_diff", "editor.source=/x/sd", "server_port=7861",
             "--cfg", "job"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     main()

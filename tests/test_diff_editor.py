@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from semani.manipulation.blended import BlendedLatentEditor
-from semani.manipulation.diff_editor import DiffEditor, feather_weights
+from semani.manipulation.diff_editor import DiffEditor
+from semani.manipulation.pixels import feather_weights
 from semani.modules.diffusion_parts import tiny_inpaint_components
 
 TEXT = "a red circle"
@@ -247,20 +248,22 @@ def test_blended_mask_dilation_and_composite(text2image_folder: Path) -> None:
 
 def test_configs_instantiate_the_editors(inpaint_folder: Path, text2image_folder: Path) -> None:
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    configs = Path(__file__).resolve().parents[1] / "configs" / "manipulation"
-    diff = instantiate(OmegaConf.load(configs / "diff.yaml"), source=str(inpaint_folder))
-    assert isinstance(diff, DiffEditor)
+    from semani.manipulation.editor import Editor
+    from tests.conftest import compose
+
+    diff = instantiate(compose("manipulate", [f"editor.source={inpaint_folder}"]).editor)
+    assert isinstance(diff, DiffEditor) and isinstance(diff, Editor)
     assert (diff.steps, diff.guidance_scale, type(diff.scheduler).__name__) == (
         50,
         7.5,
         "DDIMScheduler",
     )
-    blended = instantiate(
-        OmegaConf.load(configs / "blended_ldm.yaml"), source=str(text2image_folder)
-    )
+    assert (diff.side, diff.token_grid, diff.device.type) == (512, None, "cpu")
+    cfg = compose("manipulate", ["method=blended_ldm", f"editor.source={text2image_folder}"])
+    blended = instantiate(cfg.editor)
     assert isinstance(blended, BlendedLatentEditor) and blended.skip == 0.25
+    assert isinstance(blended, Editor)
 
 
 def test_bf16_and_vae_tiling(inpaint_folder: Path) -> None:
@@ -285,7 +288,7 @@ def test_check_diff_shapes_reports_colours_and_keeps_outside_pixels(
         from check_diff_shapes import main, nearest_colour
     finally:
         sys.path.pop(0)
-    from semani.data.shapes import COLORS
+    from semani.data.shapes_generator import COLORS
 
     rgb = np.array([COLORS["red"], COLORS["blue"], (250, 30, 40)], dtype=np.uint8)
     assert [list(COLORS)[i] for i in nearest_colour(rgb)] == ["red", "blue", "red"]

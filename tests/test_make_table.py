@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from semani.metrics.paper_table1 import PAPER_TABLE1
-from semani.utils.tables import TABLE1_COLUMNS, main, merge_rows, read_rows
+from semani.evaluation.paper_table1 import PAPER_TABLE1
+from semani.evaluation.tables import TABLE1_COLUMNS, main, merge_rows, read_rows
 from tests.conftest import REPO_ROOT
 
 

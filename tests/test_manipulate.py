@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from semani.modules.clip import TINY_CLIP_NAME
-from semani.tasks.manipulate import main, manipulate, plan_edits
+from semani.pipeline import plan_edits
+from semani.tasks.manipulate import main, manipulate
 from semani.utils.image_io import read_image
 from tests.conftest import REPO_ROOT, compose
 
@@ -78,8 +79,8 @@ def _cfg(tmp_path: Path, overrides: list[str]) -> Any:
 
 
 def _diff(folder: Path) -> list[str]:
-    return ["editor=semani_diff", f"editor.source={folder}", "editor.steps=2",
-            "editor.guidance_scale=1.0"]  # fmt: skip
+    return ["method=semani_diff", f"editor.source={folder}", "editor.steps=2",
+            "editor.guidance_scale=1.0", "editor.side=null"]  # fmt: skip
 
 
 def _aligner(m2f: Path, extra: list[str] = ()) -> list[str]:
@@ -158,7 +159,7 @@ def test_several_edits_are_aligned_then_applied_in_order(
     monkeypatch.setattr(DiffEditor, "edit", spy)
     text = "text=circle: a red circle | square: a blue square"
     cfg = _cfg(tmp_path, _diff(inpaint_folder) + _aligner(m2f_dir) + [f"image={rgba_image}", text])
-    with caplog.at_level(logging.INFO, logger="semani.tasks.manipulate"):
+    with caplog.at_level(logging.INFO, logger="semani"):
         result = manipulate(cfg)
     # edited in the text's order, each edit starting from the previous result
     assert [c[1] for c in calls] == ["a red circle", "a blue square"]
@@ -186,7 +187,7 @@ def test_semani_trans_with_user_mask(
 ) -> None:
     cfg = _cfg(
         tmp_path,
-        ["editor=semani_trans", f"editor.ckpt={trans_ckpt}", "editor.filter_thres=0.5",
+        ["method=semani_trans", f"editor.ckpt={trans_ckpt}", "editor.filter_thres=0.5",
          f"image={rgba_image}", f"mask={mask_file}", "text=a red circle"],
     )  # fmt: skip
     assert cfg.alignment.scorer._target_.endswith("TokenWiseScorer")  # the paper's for Trans
@@ -197,7 +198,8 @@ def test_semani_trans_with_user_mask(
 def test_blended_ldm_with_user_mask(
     tmp_path: Path, text2image_folder: Path, rgba_image: Path, mask_file: Path
 ) -> None:
-    base = ["editor=blended_ldm", f"editor.source={text2image_folder}", "editor.steps=4",
+    base = ["method=blended_ldm", f"editor.source={text2image_folder}", "editor.steps=4",
+            "editor.side=null",
             "editor.guidance_scale=1.0", f"image={rgba_image}", f"mask={mask_file}",
             "text=a red circle"]  # fmt: skip
     manipulate(_cfg(tmp_path, [*base, "editor.composite=true"]))
@@ -215,7 +217,7 @@ def test_semani_trans_aligns_on_its_token_grid(
                   "alignment.scorer.pretrained=null", "alignment.scorer.min_cells=1",
                   "alignment.threshold=-1", "alignment.min_tokens=1"]  # fmt: skip
     overrides = [
-        *("editor=semani_trans", f"editor.ckpt={trans_ckpt}", f"image={rgba_image}"),
+        *("method=semani_trans", f"editor.ckpt={trans_ckpt}", f"image={rgba_image}"),
         *("entity=circle", "text=a red circle", *_aligner(m2f_dir)[:4], *token_wise),
     ]
     with pytest.raises(SystemExit, match=r"fewer than 65 cells of the \(8, 8\) token grid"):
@@ -228,8 +230,8 @@ def test_semani_trans_aligns_on_its_token_grid(
     _check_kept_outside(tmp_path / "out", rgba_image, mask)
 
 
-def test_editor_configs_pick_the_papers_scorers() -> None:
-    scorers = {e: compose("manipulate", [f"editor={e}"]).alignment.scorer._target_
+def test_method_configs_pick_the_papers_scorers() -> None:
+    scorers = {e: compose("manipulate", [f"method={e}"]).alignment.scorer._target_
                for e in ("semani_diff", "semani_trans", "blended_ldm")}  # fmt: skip
     assert scorers == {
         "semani_diff": "semani.alignment.MaskPromptScorer",
@@ -253,7 +255,7 @@ def test_unknown_entity_exits_nonzero_listing_the_proposals(
         _diff(inpaint_folder) + _aligner(m2f_dir, strict)
         + [f"image={rgba_image}", "entity=zebra", "text=a zebra"],
     )  # fmt: skip
-    with caplog.at_level(logging.INFO, logger="semani.tasks.manipulate"):
+    with caplog.at_level(logging.INFO, logger="semani"):
         with pytest.raises(SystemExit) as exc:
             main(cfg)
     message = str(exc.value.code)
@@ -275,7 +277,7 @@ def test_user_errors_are_one_line(
                  f"error: cannot read image '{junk}'"),
         "missing": (_diff(inpaint_folder) + [f"image={tmp_path / 'nope.png'}", "entity=bird",
                                              "text=a bird"], "no such file"),
-        "no_ckpt": (["editor=semani_trans", f"image={rgba_image}", "text=a: b"],
+        "no_ckpt": (["method=semani_trans", f"image={rgba_image}", "text=a: b"],
                     "error: missing required editor.ckpt"),
     }[case]  # fmt: skip
     with pytest.raises(SystemExit) as exc:
@@ -287,7 +289,7 @@ def test_cli_missing_model_is_one_line_and_nonzero(
     tmp_path: Path, rgba_image: Path, mask_file: Path
 ) -> None:
     missing = tmp_path / "no_such_model"
-    cmd = [sys.executable, str(REPO_ROOT / "manipulate.py"), "editor=semani_diff",
+    cmd = [sys.executable, str(REPO_ROOT / "manipulate.py"), "method=semani_diff",
            f"editor.source={missing}", f"image={rgba_image}", f"mask={mask_file}",
            "text=a red circle", f"out={tmp_path / 'out'}",
            f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip

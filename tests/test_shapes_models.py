@@ -91,7 +91,8 @@ def test_a_semantic_loss_gets_the_shapes_clip(tmp_path: Path, capsys) -> None:
                "--set", "semani_trans_shapes:model.lambda_sem=5"]  # fmt: skip
     only = "--only=vqgan_shapes,clip_shapes,semani_trans_shapes"
     assert sm.main(_args(tmp_path, tmp_path, "--dry-run", only, *clip_on)) == 0
-    trans = [ln for ln in capsys.readouterr().out.splitlines() if "=semani_trans_shapes" in ln]
+    out = capsys.readouterr().out.splitlines()
+    trans = [ln for ln in out if "$ " in ln and "experiment=semani_trans_shapes" in ln]
     cmd = trans[0].split("$ ", 1)[1].split()
     assert _arg(cmd, "model.clip.pretrained") == str(tmp_path / "pre/clip/semani-shapes-ViT.pt")
 
@@ -101,17 +102,17 @@ def test_consumers_read_the_installed_paths(tmp_path: Path) -> None:
     pre = tmp_path / "pre"
     cfgs = {}
     for stage in sm.STAGES:
-        for config, experiment, key in stage.consumers:
-            if (config, experiment) not in cfgs:
-                overrides = [f"paths.pretrained_dir={pre}"]
-                overrides += [f"experiment={experiment}"] * bool(experiment)
-                cfgs[config, experiment] = compose(config, overrides, tmp_path / "out")
-            got = OmegaConf.select(cfgs[config, experiment], key)
-            assert got == str(pre / stage.install), (stage.name, experiment or config, key)
+        for config, given, key in stage.consumers:
+            if (config, given) not in cfgs:
+                overrides = [f"paths.pretrained_dir={pre}", *(given or "").split()]
+                cfgs[config, given] = compose(config, overrides, tmp_path / "out")
+            got = OmegaConf.select(cfgs[config, given], key)
+            assert got == str(pre / stage.install), (stage.name, given or config, key)
 
 
 def test_every_shapes_weight_under_pretrained_is_made_by_a_stage() -> None:
-    files = [*CONFIG_DIR.glob("experiment/*shapes*.yaml"), CONFIG_DIR / "metrics/shapes.yaml",
+    files = [*CONFIG_DIR.glob("experiment/*shapes*.yaml"), *CONFIG_DIR.glob("method/*shapes.yaml"),
+             *CONFIG_DIR.glob("protocol_data/*shapes.yaml"), CONFIG_DIR / "metrics/shapes.yaml",
              CONFIG_DIR / "app.yaml"]  # fmt: skip
     read = set()
     for f in files:
@@ -344,7 +345,8 @@ def test_one_real_stage_lands_where_the_metrics_read_it(tmp_path, shapes_root, c
     assert sm.main([*argv, *tiny]) == 0, (tmp_path / "logs/classifier_shapes.log").read_text()
     assert re.search(r"classifier_shapes\s+trained\s", capsys.readouterr().out)
     assert "trainer.max_steps=2" in (tmp_path / "logs/classifier_shapes.log").read_text()
-    cfg = compose("eval", ["experiment=eval_semani_diff_shapes", f"paths.pretrained_dir={pre}"])
+    cfg = compose("eval", ["protocol=table1", "method=semani_diff_shapes", "data=shapes",
+                           f"paths.pretrained_dir={pre}"])  # fmt: skip
     path = Path(cfg.metrics.classifier.path)
     assert path == pre / "classifier/shapes_classifier.pt" and path.is_file()
     with torch.no_grad():

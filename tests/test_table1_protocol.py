@@ -1,6 +1,6 @@
-"""The Table-I protocol (`eval.py experiment=eval_<method>_<dataset>`) on 6 ShapesWorld test
-images with tiny random models: tables and grid, resume after a crash, predictions, sharding,
-the entity words and the one-line errors of missing weights."""
+"""The Table-I protocol (`eval.py protocol=table1 method=<method> data=<dataset>`) on 6
+ShapesWorld test images with tiny random models: tables and grid, resume after a crash,
+predictions, sharding, the entity words and the one-line errors of missing weights."""
 
 from __future__ import annotations
 
@@ -20,13 +20,14 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+from semani.evaluation.table1 import plan_cases, shard
+from semani.evaluation.tables import TABLE1_COLUMNS
+from semani.evaluation.words import caption_entity_words, pick_word
 from semani.manipulation.diff_editor import DiffEditor
 from semani.metrics import ShapesClassifier
 from semani.modules.clip import TINY_CLIP_NAME
 from semani.tasks.eval import main as eval_main
-from semani.tasks.table1 import plan_cases, shard, table1
-from semani.tasks.table1_words import caption_entity_words, pick_word
-from semani.utils.tables import TABLE1_COLUMNS
+from semani.tasks.table1 import table1
 from tests.conftest import compose
 
 N = 6  # images per run
@@ -56,7 +57,8 @@ def _overrides(shapes_root: Path, classifier: Path, *extra: str) -> list[str]:
 def _diff_cfg(out: Path, shapes_root: Path, classifier: Path, inpaint: Path, *extra: str):
     return compose(
         "eval",
-        ["experiment=eval_semani_diff_shapes", f"editor.source={inpaint}", "editor.steps=2",
+        ["protocol=table1", "method=semani_diff_shapes", "data=shapes",
+         f"editor.source={inpaint}", "editor.steps=2",
          "editor.guidance_scale=1.0", "table1.mask=ground_truth",
          *_overrides(shapes_root, classifier, *extra)],
         out,
@@ -216,7 +218,7 @@ def test_resume_after_a_crash_edits_only_what_is_missing(
 def _pred_cfg(out: Path, shapes_root: Path, classifier: Path, folder: Path, *extra: str):
     return compose(
         "eval",
-        ["experiment=eval_predictions_shapes", "table1.method=ManiGAN",
+        ["protocol=table1", "method=predictions", "data=shapes", "method_name=ManiGAN",
          f"table1.predictions_dir={folder}", *_overrides(shapes_root, classifier, *extra)],
         out,
     )  # fmt: skip
@@ -327,7 +329,8 @@ def test_aligned_masks_with_the_token_grid_of_semani_trans(
     torch.save(ckpt, tmp_path / "trans.ckpt")
     cfg = compose(
         "eval",
-        ["experiment=eval_semani_trans_shapes", f"editor.ckpt={tmp_path / 'trans.ckpt'}",
+        ["protocol=table1", "method=semani_trans_shapes", "data=shapes",
+         f"editor.ckpt={tmp_path / 'trans.ckpt'}",
          "editor.filter_thres=0.5", "alignment/segmenter=ground_truth",
          "~alignment.segmenter.model_name_or_path",
          f"alignment.scorer.model_name={TINY_CLIP_NAME}", "alignment.scorer.pretrained=null",
@@ -347,8 +350,10 @@ def test_aligned_masks_with_the_token_grid_of_semani_trans(
 
 @pytest.mark.parametrize(
     "method, dataset",
-    list(itertools.product(["semani_trans", "semani_diff", "blended_ldm", "predictions"],
-                           ["shapes", "cub", "oxford", "coco"])),
+    [*itertools.product(["semani_trans", "semani_diff", "blended_ldm", "predictions"],
+                        ["cub", "oxford", "coco"]),
+     *itertools.product(["semani_trans_shapes", "semani_diff_shapes", "blended_ldm_shapes",
+                         "predictions"], ["shapes"])],
 )  # fmt: skip
 def test_missing_weights_are_one_line_naming_the_file_and_its_maker(
     tmp_path: Path, method: str, dataset: str
@@ -356,8 +361,9 @@ def test_missing_weights_are_one_line_naming_the_file_and_its_maker(
     extra = []
     if method == "predictions":
         (tmp_path / "preds").mkdir()
-        extra = ["table1.method=ManiGAN", f"table1.predictions_dir={tmp_path / 'preds'}"]
-    cfg = compose("eval", [f"experiment=eval_{method}_{dataset}", f"paths.root_dir={tmp_path}",
+        extra = ["method_name=ManiGAN", f"table1.predictions_dir={tmp_path / 'preds'}"]
+    cfg = compose("eval", ["protocol=table1", f"method={method}", f"data={dataset}",
+                           f"paths.root_dir={tmp_path}",
                            f"data.root={tmp_path / 'data'}", "extras.print_config=false",
                            *extra], tmp_path)  # fmt: skip
     assert cfg.protocol == "table1"

@@ -1,4 +1,4 @@
-"""TransEditor and mask_to_token_mask: forced tokens kept, bilinear token masks, guidance."""
+"""TransTokenEditor and mask_to_token_mask: forced tokens kept, bilinear token masks, guidance."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from semani.data.tokenizer import TextTokenizer
 from semani.data.transforms import to_grayscale
-from semani.manipulation.trans import MaskTooSmallError, TransEditor, mask_to_token_mask
+from semani.manipulation.trans import MaskTooSmallError, TransTokenEditor, mask_to_token_mask
 from semani.modules.gpt import GPTConfig, SemaniGPT
 
 PATCH, LEVELS = 16, 4  # 64 px -> 4x4 tokens, 4^3 = 64 codes
@@ -34,10 +34,12 @@ class PatchColourCodec:
 
 
 @pytest.fixture(scope="module")
-def editor() -> TransEditor:
+def editor() -> TransTokenEditor:
     torch.manual_seed(0)
     gpt = SemaniGPT(GPTConfig.tiny(image_vocab_size=LEVELS**3)).eval()
-    return TransEditor(gpt, PatchColourCodec(), TextTokenizer(context_length=16), filter_thres=0.5)
+    return TransTokenEditor(
+        gpt, PatchColourCodec(), TextTokenizer(context_length=16), filter_thres=0.5
+    )
 
 
 def _images(B: int = 2) -> torch.Tensor:
@@ -125,7 +127,7 @@ def test_edit_bad_inputs(editor):
     with pytest.raises(ValueError, match="texts"):
         editor.edit(_images(2), torch.ones(4, 4, dtype=torch.bool), ["a", "b", "c"])
     with pytest.raises(ValueError, match="context_length"):
-        TransEditor(editor.gpt, editor.vqgan, TextTokenizer(context_length=32))
+        TransTokenEditor(editor.gpt, editor.vqgan, TextTokenizer(context_length=32))
 
 
 def test_edit_with_a_tiny_real_vqgan():
@@ -140,7 +142,7 @@ def test_edit_with_a_tiny_real_vqgan():
     }  # fmt: skip
     vqgan = VQGANModule(ddconfig, n_embed=64, embed_dim=8).eval().requires_grad_(False)
     gpt = SemaniGPT(GPTConfig.tiny(image_vocab_size=vqgan.n_embed)).eval()
-    editor = TransEditor(gpt, vqgan, TextTokenizer(context_length=16), filter_thres=0.5)
+    editor = TransTokenEditor(gpt, vqgan, TextTokenizer(context_length=16), filter_thres=0.5)
     images = _images(2)
     mask = torch.zeros(4, 4, dtype=torch.bool)
     mask[1:3, 1:3] = True

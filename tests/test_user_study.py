@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semani.utils.user_study import (
+from semani.evaluation.user_study import (
     InvalidResponseError,
     UserStudyError,
     main,

@@ -2,7 +2,8 @@
 
 `EntityAligner(scorer, segmenter)` finds the entity a prompt word names:
 
-- **segment**: `segmenter.segment(image) -> EntityProposals` (or proposals passed in directly);
+- **segment**: `segmenter.segment(image, sample) -> EntityProposals` (or proposals passed in
+  directly; `sample` is the data set sample the image comes from, for oracle proposals);
   with `max_proposals`, only the segmenter's best ones are scored (the authors score 5), the
   others get NaN;
 - **score**: the scorer gives every proposal a similarity to the word (NaN: not scored);
@@ -17,10 +18,10 @@ The result's `mask` is the union of the chosen masks; with `token_grid=(h, w)` a
 `token_mask`, the union on that grid (`mask_to_token_mask`: bilinear, > 0).
 
 **No match** raises `EntityNotFoundError` (never an empty mask), which lists the best proposals
-and their similarities, when: the segmenter proposed nothing; no proposal could be scored (all
-too small for the scorer: NaN); every scored proposal covers fewer than `min_tokens` cells of
-the given token grid; every eligible one was taken by earlier requests for the same word; or,
-with `threshold_mode="strict"`, none reaches the threshold.
+and their similarities and carries every proposal, when: the segmenter proposed nothing; no
+proposal could be scored (all too small for the scorer: NaN); every scored proposal covers
+fewer than `min_tokens` cells of the given token grid; every eligible one was taken by earlier
+requests for the same word; or, with `threshold_mode="strict"`, none reaches the threshold.
 
 **Several entities** (`align_many`): `"bird: a blue bird | branch: a snowy branch"` is parsed by
 `parse_entity_edits` into (word, text) pairs, aligned in order on the same image (the editor then
@@ -33,7 +34,7 @@ proposals taken for a word are not offered to that word's later requests, so
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -86,8 +87,8 @@ class EntityAligner(nn.Module):
     Args:
         scorer: (image, proposals, word) -> (K,) similarities, with `selection` and `threshold`
             attributes (`TokenWiseScorer`, `MaskPromptScorer`, `MaskedCropClipScorer`).
-        segmenter: anything with `segment(image) -> EntityProposals`; None if proposals are
-            always passed to `align`.
+        segmenter: anything with `segment(image, sample=None) -> EntityProposals`
+            (`semani.alignment.segmenters.Segmenter`); None if proposals are always passed.
         selection: "threshold" or "argmax"; None: the scorer's own.
         threshold: None: the scorer's.
         threshold_mode: "keep_best" (the best is taken even below the threshold, as the
@@ -131,11 +132,28 @@ class EntityAligner(nn.Module):
 
     # ---------------------------------------------------------------- steps
 
-    def propose(self, image: Tensor) -> EntityProposals:
-        """The segmenter's proposals for `image`."""
+    @classmethod
+    def from_config(cls, cfg: Any) -> EntityAligner:
+        """An aligner from the `alignment` config group (`configs/alignment/`): its `scorer`
+        and `segmenter` nodes are built first (their constructors' own errors, e.g. missing
+        weights), the other keys are this class's arguments."""
+        from omegaconf import OmegaConf
+
+        from semani.utils.instantiators import instantiate_unwrapped
+
+        args = {k: v for k, v in cfg.items() if k not in ("_target_", "scorer", "segmenter")}
+        args = OmegaConf.to_container(OmegaConf.create(args), resolve=True)
+        segmenter = None
+        if cfg.get("segmenter"):
+            segmenter = instantiate_unwrapped(cfg.segmenter, _convert_="all")
+        return cls(instantiate_unwrapped(cfg.scorer), segmenter, **args)
+
+    def propose(self, image: Tensor, sample: Mapping[str, Any] | None = None) -> EntityProposals:
+        """The segmenter's proposals for `image` (`sample`: the data set sample it comes from,
+        for the ground-truth segmenter)."""
         if self.segmenter is None:
             raise ValueError("this aligner has no segmenter: pass proposals= to align()")
-        return self.segmenter.segment(image)
+        return self.segmenter.segment(image, sample)
 
     def score(self, image: Tensor, proposals: EntityProposals, word: str) -> Tensor:
         """(K,) float similarities on the CPU; NaN where not scored (or beyond max_proposals)."""
@@ -175,7 +193,7 @@ class EntityAligner(nn.Module):
         eligible = scored & big & free
 
         def not_found(reason: str) -> EntityNotFoundError:
-            return EntityNotFoundError(word, ranking, reason)
+            return EntityNotFoundError(word, ranking, reason, proposals)
 
         if K == 0:
             raise not_found("the segmenter proposed no entities")
@@ -219,6 +237,7 @@ class EntityAligner(nn.Module):
         word: str,
         token_grid: tuple[int, int] | None = None,
         proposals: EntityProposals | None = None,
+        sample: Mapping[str, Any] | None = None,
     ) -> AlignmentResult:
         """Find the entity `word` names in `image` ((3, H, W) in [-1, 1]).
 
@@ -226,12 +245,13 @@ class EntityAligner(nn.Module):
             token_grid: the editor's token grid (e.g. (16, 16)): also return the token mask, and
                 make proposals under `min_tokens` cells on it ineligible.
             proposals: use these instead of calling the segmenter.
+            sample: the data set sample `image` comes from (passed to the segmenter).
 
         Raises:
             EntityNotFoundError: no proposal matches (see the module docstring).
         """
         image = as_image(image)
-        proposals = self.propose(image) if proposals is None else proposals
+        proposals = self.propose(image, sample) if proposals is None else proposals
         as_image(image, proposals)  # masks at the image's size
         sims = self.score(image, proposals, word)
         return self.select(word, sims, proposals, token_grid)
@@ -244,6 +264,7 @@ class EntityAligner(nn.Module):
         edits: str | Sequence[tuple[str, str]],
         token_grid: tuple[int, int] | None = None,
         proposals: EntityProposals | None = None,
+        sample: Mapping[str, Any] | None = None,
     ) -> list[EntityEdit]:
         """Align every entity of a multi-entity edit on the same image, in order.
 
@@ -253,7 +274,7 @@ class EntityAligner(nn.Module):
         """
         pairs = parse_entity_edits(edits) if isinstance(edits, str) else list(edits)
         image = as_image(image)
-        proposals = self.propose(image) if proposals is None else proposals
+        proposals = self.propose(image, sample) if proposals is None else proposals
         as_image(image, proposals)
         sims: dict[str, Tensor] = {}
         taken: dict[str, list[int]] = {}

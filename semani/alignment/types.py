@@ -82,9 +82,16 @@ class AlignmentResult:
 
 
 class EntityNotFoundError(LookupError):
-    """No proposal matches the prompt word. Carries every proposal's similarity, best first."""
+    """No proposal matches the prompt word. Carries every proposal's similarity, best first,
+    and the proposals themselves when there were any (to show them)."""
 
-    def __init__(self, word: str, ranking: list[tuple[int, float]], reason: str) -> None:
-        self.word, self.ranking = word, ranking
+    def __init__(
+        self,
+        word: str,
+        ranking: list[tuple[int, float]],
+        reason: str,
+        proposals: EntityProposals | None = None,
+    ) -> None:
+        self.word, self.ranking, self.proposals = word, ranking, proposals
         best = ", ".join(f"#{i}: {s:.3f}" for i, s in ranking[:5]) or "no proposals"
         super().__init__(f"no entity matches {word!r}: {reason} (best proposals: {best})")

@@ -1,12 +1,13 @@
 """Table I as text: one run's row (Markdown, CSV columns, LaTeX) and several runs merged beside
 the paper's numbers (`scripts/make_table.py`).
 
-A run of `python eval.py experiment=eval_<method>_<dataset>` writes one row (`TABLE1_COLUMNS`)
-to ``<run>/table1.csv``. `merge_rows` lays rows of several runs out as the paper's Table I: one
-line per (method, source), source "paper" (`semani.metrics.paper_table1`) or "ours", and per data
-set the paper's four columns IS (mean ± std), CLIP-score, R@10 and L2-error.
+A run of `python eval.py protocol=table1 method=<method> data=<dataset>` writes one row
+(`TABLE1_COLUMNS`) to ``<run>/table1.csv``. `merge_rows` lays rows of several runs out as the
+paper's Table I: one line per (method, source), source "paper"
+(`semani.evaluation.paper_table1`) or "ours", and per data set the paper's four columns IS
+(mean ± std), CLIP-score, R@10 and L2-error.
 
-    python scripts/make_table.py logs/eval_*/runs/*            # Markdown on stdout
+    python scripts/make_table.py logs/table1/*/*/runs/*        # Markdown on stdout
     python scripts/make_table.py RUN_A RUN_B --latex --out table1.tex
 """
 
@@ -21,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from semani.metrics.paper_table1 import PAPER_DATASETS, PAPER_METHODS, PAPER_TABLE1
+from semani.evaluation.paper_table1 import PAPER_DATASETS, PAPER_METHODS, PAPER_TABLE1
 from semani.utils.atomic import write_text
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,8 @@ def read_rows(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
         if not csv_path.is_file():
             raise FileNotFoundError(
                 f"{csv_path} does not exist: pass the output folders of "
-                "`python eval.py experiment=eval_<method>_<dataset>` runs (or their table1.csv)"
+                "`python eval.py protocol=table1 method=<method> data=<dataset>` runs (or their "
+                "table1.csv)"
             )
         with csv_path.open(newline="") as f:
             for r in csv.DictReader(f):

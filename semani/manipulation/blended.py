@@ -34,17 +34,15 @@ from torch import Tensor
 
 from semani.manipulation.diff_editor import (
     LatentEditor,
-    feather_weights,
     fresh_scheduler,
     guided_noise,
     inpaint_condition,
     make_generator,
-    prepare_inputs,
-    resize_bilinear,
     step_kwargs,
     text_embeddings,
 )
-from semani.manipulation.diff_editor import composite as composite_images
+from semani.manipulation.pixels import composite as composite_images
+from semani.manipulation.pixels import feather_weights, prepare_inputs, resize_bilinear
 from semani.modules.diffusion_parts import (
     encode_image,
     latent_mask,

@@ -1,30 +1,41 @@
 """SeMani-Trans image manipulation: re-sample the entity's VQGAN tokens under a target text.
 
-Inference only. `TransEditor.edit` tokenises the text, encodes the image to VQGAN tokens (and,
-with vision guidance, the grayscale image replicated to 3 channels), re-samples the tokens
-inside the token mask with the transformer while every other token is forced to the original,
-and decodes. `mask_to_token_mask` (`semani.utils.masks`, shared with the alignment phase) turns a
-pixel mask into that token mask (bilinear resize to the token grid, then `> threshold`, as the
-paper prefers to max-pooling).
+Inference only, two levels:
+
+- `TransTokenEditor.edit(image, token_mask, text)` works at the model's own size: it tokenises
+  the text, encodes the image to VQGAN tokens (and, with vision guidance, the grayscale image
+  replicated to 3 channels), re-samples the tokens inside the token mask with the transformer
+  while every other token is forced to the original, and decodes.
+- `TransEditor.edit(image, mask, text)` is the image-level editor of the editor contract
+  (`semani.manipulation.editor`): any size, a pixel mask, the input kept outside the mask. It
+  resizes to the model's size, turns the pixel mask into the token mask with
+  `mask_to_token_mask` (`semani.utils.masks`, shared with the alignment phase: bilinear resize
+  to the token grid, then `> 0`, as the paper prefers to max-pooling), calls the token editor,
+  resizes back and composites (`semani.manipulation.pixels`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from semani.data.tokenizer import TextTokenizer
 from semani.data.transforms import to_grayscale
+from semani.manipulation.pixels import composite, feather_weights, prepare_inputs, resize_bilinear
 from semani.manipulation.sampling import sample_image_tokens
 from semani.modules.gpt import SemaniGPT
+from semani.utils.checkpoint import CheckpointMismatchError
 from semani.utils.masks import MaskTooSmallError, mask_to_token_mask
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MaskTooSmallError", "TransEditor", "mask_to_token_mask"]
+__all__ = ["MaskTooSmallError", "TransEditor", "TransTokenEditor", "mask_to_token_mask"]
 
 
 class TokenCodec(Protocol):
@@ -43,8 +54,9 @@ class Tokenizer(Protocol):
     def __call__(self, texts: str | Sequence[str]) -> Tensor: ...  # -> (B, L) long
 
 
-class TransEditor:
-    """Entity-level manipulation with SeMani-Trans (transformer + frozen VQGAN + tokenizer)."""
+class TransTokenEditor:
+    """Entity-level manipulation with SeMani-Trans on its token grid (transformer + frozen
+    VQGAN + tokenizer), at the model's own image size."""
 
     def __init__(
         self,
@@ -165,5 +177,103 @@ class TransEditor:
         _, edited = self.edit_tokens(image, mask_tokens, text, gray_guidance, seed)
         out = self.vqgan.decode_tokens(edited)  # (B, 3, H, W)
         return out[0] if image.dim() == 3 else out
+
+    __call__ = edit
+
+
+class TransEditor:
+    """SeMani-Trans as an image-level editor: any size, a pixel mask, the input kept outside it.
+
+    The image is resized (bilinear, antialiased) to the model's training size, the pixel mask
+    becomes a token mask on the VQGAN grid (`mask_to_token_mask`: bilinear, > 0), the tokens
+    inside it are re-sampled (`TransTokenEditor`), the decoded image is resized back and
+    composited into the input with `feather_weights(mask, feather)`: every pixel outside the
+    mask is the input's.
+
+    Args:
+        model: a `SemaniTransModule` (`gpt`, `vqgan`), e.g. from `semani.load_model`.
+        filter_thres, temperature: top-k sampling (see `TransTokenEditor`).
+        gray_guidance: condition on the grayscale image's tokens (keeps the entity's shape).
+        image_size: the model's input (H, W) or side; None: sqrt(image_len) tokens per side
+            times the VQGAN's downsampling factor.
+        feather: seam width in pixels inside the mask, at the input size.
+        min_tokens: refuse (`MaskTooSmallError`) masks covering fewer token cells.
+        device: where the model runs (None: where it is).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        filter_thres: float = 0.99,
+        temperature: float = 1.0,
+        gray_guidance: bool = True,
+        image_size: int | Sequence[int] | None = None,
+        feather: float = 4,
+        min_tokens: int = 1,
+        device: str | torch.device | None = None,
+    ) -> None:
+        if device is not None:
+            model = model.to(device)
+        gpt, vqgan = model.gpt, model.vqgan
+        factor = int(vqgan.downsample_factor)
+        image_len = int(gpt.config.image_len)
+        if image_size is None:
+            side = math.isqrt(image_len)
+            if side * side != image_len:
+                raise ValueError(
+                    f"image_len={image_len} is not a square grid: pass editor.image_size=[h, w]"
+                )
+            image_size = (side * factor, side * factor)
+        elif isinstance(image_size, int):
+            image_size = (image_size, image_size)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.token_grid = (self.image_size[0] // factor, self.image_size[1] // factor)
+        if self.token_grid[0] * self.token_grid[1] != image_len:
+            raise ValueError(
+                f"image_size {self.image_size} gives a {self.token_grid} token grid, but the "
+                f"transformer expects image_len={image_len} tokens"
+            )
+        self.tokens = TransTokenEditor(
+            gpt,
+            vqgan,
+            TextTokenizer(gpt.config.text_len),
+            filter_thres=filter_thres,
+            temperature=temperature,
+        )
+        self.gray_guidance, self.feather, self.min_tokens = gray_guidance, feather, min_tokens
+
+    @classmethod
+    def from_checkpoint(
+        cls, ckpt: str | os.PathLike, device: str | torch.device | None = None, **kwargs: Any
+    ) -> TransEditor:
+        """An editor from a SeMani-Trans checkpoint (`semani.load_model`, eval mode)."""
+        from semani.loading import load_model
+
+        if ckpt is None:
+            raise ValueError(
+                "missing required editor.ckpt: pass editor.ckpt=<a SeMani-Trans checkpoint "
+                "written by train.py, e.g. logs/<task>/runs/<run>/checkpoints/last.ckpt>"
+            )
+        model = load_model(ckpt, device=device)
+        if not (hasattr(model, "gpt") and hasattr(model, "vqgan")):
+            raise CheckpointMismatchError(
+                f"'{ckpt}' holds a {type(model).__name__}, not a SeMani-Trans model"
+            )
+        log.info("SeMani-Trans editor from %s", ckpt)
+        return cls(model, device=device, **kwargs)
+
+    def edit(self, image: Any, mask: Any, text: str, seed: int | None = None) -> list[Any]:
+        """Re-sample the masked entity of `image` after `text`; inputs and output as
+        `DiffEditor.edit` (one image)."""
+        src, pixel_mask, pixels, _ = prepare_inputs(image, mask, factor=1)  # (1,1,H,W), (1,3,H,W)
+        H, W = src.original.shape[-2:]
+        x = resize_bilinear(pixels, self.image_size).clamp(-1, 1)  # (1, 3, h, w)
+        token_mask = mask_to_token_mask(
+            pixel_mask[0, 0], self.token_grid, min_tokens=self.min_tokens
+        )  # (gh, gw) bool
+        out = self.tokens.edit(x[0], token_mask, text, self.gray_guidance, seed)  # (3, h, w)
+        out = ((out.float().cpu() + 1) / 2).clamp(0, 1)[None]  # (1, 3, h, w) in [0, 1]
+        edited = resize_bilinear(out, (H, W)).clamp(0, 1)  # (1, 3, H, W)
+        return composite(src, edited, feather_weights(pixel_mask[0, 0], self.feather))
 
     __call__ = edit

@@ -1,4 +1,4 @@
-"""`python eval.py experiment=eval_alignment_<data>`: the alignment study as a task.
+"""`python eval.py protocol=alignment data=<data>`: the alignment study as a task.
 
 Builds the data module's test split, every segmenter of ``study.segmenters`` and every scorer of
 ``study.scorers`` (name -> `_target_` config; an entry that is null, or whose ``enabled`` is
@@ -21,19 +21,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from semani.alignment.segmenters import GroundTruthSegmenter
 from semani.alignment.study import markdown_table, records_as_dicts, run_study, summarize
 from semani.utils.atomic import write_csv, write_text
+from semani.utils.errors import USER_ERRORS, one_line
+from semani.utils.instantiators import instantiate_unwrapped
 from semani.utils.pylogger import get_pylogger
 
 log = get_pylogger(__name__)
 
-__all__ = ["alignment_study"]
+__all__ = ["alignment_study", "main"]
 
 SUMMARY_COLUMNS = (
     *("segmenter", "scorer", "prompt_kind", "cases", "correct", "iou", "chance_correct"),
@@ -64,19 +64,12 @@ def _enabled(entries: Mapping[str, Any] | None) -> dict[str, DictConfig]:
 def _build(group: str, name: str, cfg: DictConfig) -> Any:
     log.info("alignment study: %s %s (%s)", group[:-1], name, cfg.get("_target_"))
     try:
-        return hydra.utils.instantiate(cfg)
+        return instantiate_unwrapped(cfg)
     except Exception as err:
-        cause = err.__cause__ or err  # hydra wraps the constructor's error
-        raise type(cause)(
-            f"alignment study {group[:-1]} {name!r}: {cause} (leave it out with "
+        raise type(err)(
+            f"alignment study {group[:-1]} {name!r}: {err} (leave it out with "
             f"study.{group}.{name}=null)"
         ) from err
-
-
-def _segment_fn(seg: Any):
-    if isinstance(seg, GroundTruthSegmenter):
-        return lambda image, sample: seg.segment(image, sample=sample)
-    return lambda image, sample: seg.segment(image)
 
 
 def _renamed(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -88,13 +81,13 @@ def alignment_study(cfg: DictConfig) -> dict[str, float]:
     study = cfg.study
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)  # untrained scorers are seeded
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = instantiate_unwrapped(cfg.data)
     datamodule.setup("test")
     dataset = datamodule.data_test
     describe = getattr(dataset, "entity_descriptions", None)
 
     segmenters = {
-        name: _segment_fn(_build("segmenters", name, c))
+        name: _build("segmenters", name, c).segment
         for name, c in _enabled(study.segmenters).items()
     }
     scorers = {name: _build("scorers", name, c) for name, c in _enabled(study.scorers).items()}
@@ -140,3 +133,13 @@ def alignment_study(cfg: DictConfig) -> dict[str, float]:
         metrics[f"{key}/miou"] = float(r["iou"])
         metrics[f"{key}/chance"] = float(r["chance_correct"])
     return metrics
+
+
+def main(cfg: DictConfig) -> dict[str, float]:
+    """`alignment_study(cfg)`; the failures a user can fix (a missing file, a bad option) exit
+    with one line."""
+    try:
+        return alignment_study(cfg)
+    except USER_ERRORS as err:
+        log.debug("alignment study failed", exc_info=True)
+        raise SystemExit(f"error: {one_line(err)}") from None

@@ -4,15 +4,16 @@
   ``logger`` and ``trainer`` from the config and runs ``trainer.test`` with ``ckpt_path`` (a
   Lightning checkpoint written by ``train.py``) on the data set's test split; returns the test
   metrics (``test/...``). A missing ``ckpt_path`` is one line and a non-zero exit.
-- ``alignment`` (``experiment=eval_alignment_<data>``): the alignment study of every configured
+- ``alignment`` (``protocol=alignment data=<data>``): the alignment study of every configured
   segmenter x scorer on the test split (`semani.tasks.alignment_study`); writes its Markdown
   and CSV tables to the run folder and returns accuracy and mIoU per combination.
-- ``table1`` (``experiment=eval_<method>_<dataset>``): the paper's Table-I protocol
+- ``table1`` (``protocol=table1 method=<method> data=<data>``): the paper's Table-I protocol
   (`semani.tasks.table1`): plan a target text per test image, mask, edit, and score IS,
   CLIP-score, R@N and L2; writes the edited images and ``table1.md``/``.csv``/``.tex`` to the
   run folder and returns the row's metrics (``table1/...``).
 
-`main(cfg)` dispatches; unknown protocols are an error naming the valid ones (`PROTOCOLS`).
+`main(cfg)` calls the task the protocol's config names (``task``); a protocol that does not
+exist is Hydra's error listing the ones in configs/protocol/.
 """
 
 from pathlib import Path
@@ -68,27 +69,9 @@ USAGE = (
 )
 
 
-PROTOCOLS = ("checkpoint", "alignment", "table1")
-
-
-def main(cfg: DictConfig) -> dict[str, float]:
-    """Entry point for ``eval.py``: ``protocol=checkpoint`` (the default) tests ``ckpt_path``
-    (missing or absent: one line and a non-zero exit); ``protocol=alignment`` runs the alignment
-    study (`semani.tasks.alignment_study`); ``protocol=table1`` the paper's Table-I protocol
-    (`semani.tasks.table1`, experiment=eval_<method>_<dataset>)."""
-    protocol = cfg.get("protocol", "checkpoint")
-    if protocol not in PROTOCOLS:
-        raise SystemExit(f"error: unknown protocol={protocol!r}; use one of {PROTOCOLS}")
-    if protocol == "alignment":
-        from semani.tasks.alignment_study import alignment_study
-
-        extras(cfg)
-        return alignment_study(cfg)
-    if protocol == "table1":
-        from semani.tasks.table1 import main as table1_main
-
-        extras(cfg)
-        return table1_main(cfg)
+def checkpoint(cfg: DictConfig) -> dict[str, float]:
+    """``protocol=checkpoint``: test ``cfg.ckpt_path`` (missing or absent: one line and a
+    non-zero exit)."""
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise SystemExit(f"error: {USAGE}")
     if not Path(str(cfg.ckpt_path)).is_file():
@@ -96,3 +79,13 @@ def main(cfg: DictConfig) -> dict[str, float]:
     extras(cfg)
     metric_dict, _ = evaluate(cfg)
     return metric_dict
+
+
+def main(cfg: DictConfig) -> dict[str, float]:
+    """Entry point for ``eval.py``: the protocol's task (``task`` of configs/protocol/<name>:
+    this module's `checkpoint`, `semani.tasks.alignment_study.main` or
+    `semani.tasks.table1.main`)."""
+    task = hydra.utils.get_method(str(cfg.get("task", "semani.tasks.eval.checkpoint")))
+    if task is not checkpoint:
+        extras(cfg)
+    return task(cfg)

@@ -1,6 +1,10 @@
-"""Build Lightning callbacks and loggers from their config groups."""
+"""Build objects from configs: Lightning callbacks and loggers from their groups, and any
+`_target_` node with the constructor's own errors (`instantiate_unwrapped`)."""
+
+from typing import Any
 
 import hydra
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 from pytorch_lightning import Callback
 from pytorch_lightning.loggers import Logger
@@ -32,3 +36,16 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
 def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
     """Instantiate every ``logger.<name>`` entry that has a ``_target_``."""
     return _instantiate_group(cfg, "logger")
+
+
+def instantiate_unwrapped(cfg: DictConfig, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate(cfg, **kwargs)`, but a failing constructor raises its own error
+    (e.g. `FileNotFoundError` for missing weights, `ValueError` for a bad option) instead of
+    Hydra's `InstantiationException` wrapper, so that a task can print it as one line
+    (`semani.utils.errors.one_line`) and callers can catch it by type."""
+    try:
+        return hydra.utils.instantiate(cfg, **kwargs)
+    except InstantiationException as err:
+        if err.__cause__ is not None:
+            raise err.__cause__ from None
+        raise

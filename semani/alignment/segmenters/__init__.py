@@ -7,8 +7,8 @@
 | ``entityseg`` | ``EntitySegSegmenter`` | CropFormer (the paper's), needs detectron2 |
 | ``ground_truth`` | ``GroundTruthSegmenter`` | the data set's entity masks, with names |
 
-``build_segmenter(cfg)`` makes one from a config with ``_target_`` (the same object as
-``hydra.utils.instantiate(cfg)``) or from a name and keyword arguments
+``build_segmenter(cfg)`` makes one from a config with ``_target_`` (``hydra.utils.instantiate``
+with the constructor's own errors) or from a name and keyword arguments
 (``build_segmenter("sam", model_name_or_path=...)``). Only ``common`` and ``ground_truth`` are
 imported eagerly; the backends import their libraries when built.
 """
@@ -81,11 +81,6 @@ def build_segmenter(cfg: str | Mapping[str, Any], **kwargs: Any) -> Segmenter:
         return _resolve(SEGMENTERS[cfg])(**kwargs)
     if "_target_" not in cfg:
         raise ValueError("a segmenter config needs a _target_ (configs/alignment/segmenter/)")
-    from omegaconf import DictConfig, OmegaConf
+    from semani.utils.instantiators import instantiate_unwrapped
 
-    # flat configs: called directly rather than through hydra.utils.instantiate (which gives
-    # the same object), so that errors (a missing model, detectron2) are not wrapped and kwargs
-    # may be any object (a data set)
-    args = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    target = args.pop("_target_")
-    return _resolve(target)(**{**args, **kwargs})
+    return instantiate_unwrapped(cfg, _convert_="all", **kwargs)

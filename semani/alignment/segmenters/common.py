@@ -1,8 +1,9 @@
 """What every entity segmenter shares: the interface, image conversion and post-processing.
 
-A segmenter is any object with ``segment(image, **kwargs) -> EntityProposals``; ``image`` is a
-(3, H, W) float tensor in [-1, 1] (the data sets' convention) or a PIL image, and the proposals
-are K class-agnostic boolean masks at (H, W), sorted by descending score.
+A segmenter is any object with ``segment(image, sample=None) -> EntityProposals``; ``image`` is
+a (3, H, W) float tensor in [-1, 1] (the data sets' convention) or a PIL image, ``sample`` the
+data set sample it comes from (or None), and the proposals are K class-agnostic boolean masks
+at (H, W), sorted by descending score.
 
 Post-processing rules (``finalize_proposals`` applies them in this order):
 
@@ -13,26 +14,30 @@ Post-processing rules (``finalize_proposals`` applies them in this order):
 4. at most ``max_proposals`` are kept (the authors keep 5 EntitySeg proposals).
 
 ``suppress_overlaps`` is the mask NMS of the point-prompted SAM segmenter (see its docstring).
+The tensor-level helpers (``resize_masks``, ``mask_iou``, the rules above as ``finalize_masks``,
+the recall) live in ``semani.modules.panoptic``, which the entity-segmenter training uses too.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
 from semani.alignment.types import EntityProposals
 from semani.data.transforms import to_uint8
+from semani.modules.panoptic import finalize_masks, mask_iou, mask_recall, resize_masks
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "ImageLike",
+    "Sample",
     "Segmenter",
     "finalize_proposals",
     "mask_iou",
@@ -46,11 +51,19 @@ __all__ = [
 ImageLike = Tensor | Image.Image | np.ndarray
 
 
+# a data set sample (`image`, and `entity_masks` / `entity_names` where the data set has them)
+Sample = Mapping[str, Any]
+
+
 @runtime_checkable
 class Segmenter(Protocol):
-    """image -> K class-agnostic entity proposals at the image's own size, best first."""
+    """image -> K class-agnostic entity proposals at the image's own size, best first.
 
-    def segment(self, image: ImageLike, **kwargs: Any) -> EntityProposals: ...
+    `sample` is the data set sample the image comes from, when there is one (evaluation):
+    the ground-truth segmenter reads its entity masks, learned segmenters ignore it.
+    """
+
+    def segment(self, image: ImageLike, sample: Sample | None = None) -> EntityProposals: ...
 
 
 # -- images ---------------------------------------------------------------------------------------
@@ -86,35 +99,6 @@ def image_size(image: ImageLike) -> tuple[int, int]:
 
 
 # -- masks ----------------------------------------------------------------------------------------
-def resize_masks(masks: Tensor, size: tuple[int, int], threshold: float = 0.5) -> Tensor:
-    """(K, h, w) bool or soft masks -> (K, H, W) bool at ``size``.
-
-    Bool masks are resized with nearest-neighbour sampling; float masks (probabilities) bilinearly
-    and then thresholded at ``threshold``.
-    """
-    if masks.dim() != 3:
-        raise ValueError(f"masks must be (K, h, w), got {tuple(masks.shape)}")
-    size = (int(size[0]), int(size[1]))
-    if masks.shape[0] == 0:
-        return torch.zeros((0, *size), dtype=torch.bool, device=masks.device)
-    if masks.dtype == torch.bool:
-        if tuple(masks.shape[-2:]) == size:
-            return masks
-        return F.interpolate(masks[None].float(), size=size, mode="nearest-exact")[0] > 0.5
-    soft = masks.float()
-    if tuple(masks.shape[-2:]) != tuple(size):
-        soft = F.interpolate(soft[None], size=size, mode="bilinear", align_corners=False)[0]
-    return soft > threshold
-
-
-def mask_iou(a: Tensor, b: Tensor) -> Tensor:
-    """(Ka, Kb) intersection over union of two stacks of bool masks (Ka, H, W), (Kb, H, W)."""
-    a, b = a.flatten(1).float(), b.flatten(1).float()  # (Ka, HW), (Kb, HW)
-    inter = a @ b.T  # (Ka, Kb)
-    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
-    return inter / union.clamp(min=1)
-
-
 def mask_containment(a: Tensor, b: Tensor) -> Tensor:
     """(Ka, Kb) fraction of each mask of ``a`` that lies inside each mask of ``b``."""
     a, b = a.flatten(1).float(), b.flatten(1).float()
@@ -171,18 +155,9 @@ def finalize_proposals(
     fraction of the image's pixels is dropped (empty masks always are). max_proposals: keep at most
     this many (None: all).
     """
-    if masks.shape[0] != scores.shape[0]:
-        raise ValueError(f"{masks.shape[0]} masks for {scores.shape[0]} scores")
-    masks = resize_masks(masks.detach().cpu(), size)
-    scores = scores.detach().float().cpu().reshape(-1)
-    area = masks.flatten(1).sum(1)  # (K,)
-    keep = (area > 0) & (area >= min_area_frac * size[0] * size[1])
-    idx = keep.nonzero().flatten()
-    idx = idx[torch.argsort(scores[idx], descending=True, stable=True)]
-    if max_proposals is not None:
-        idx = idx[:max_proposals]
+    masks, scores, idx = finalize_masks(masks, scores, size, min_area_frac, max_proposals)
     kept_names = [names[i] for i in idx.tolist()] if names is not None else None
-    return EntityProposals(masks[idx], scores[idx], kept_names)
+    return EntityProposals(masks, scores, kept_names)
 
 
 def proposal_recall(
@@ -193,11 +168,4 @@ def proposal_recall(
     Each ground-truth entity counts once, whatever the number of proposals (a recall, not a
     one-to-one matching); the proposals are read at the ground truth's size.
     """
-    gt = gt_masks.detach().cpu().bool()
-    if gt.shape[0] == 0:
-        return 0, 0
-    if len(proposals) == 0:
-        return 0, int(gt.shape[0])
-    masks = resize_masks(proposals.masks, tuple(gt.shape[-2:]))
-    best = mask_iou(gt, masks).max(1).values  # (K_gt,)
-    return int((best >= iou_thresh).sum()), int(gt.shape[0])
+    return mask_recall(proposals.masks, gt_masks, iou_thresh)

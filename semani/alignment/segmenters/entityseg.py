@@ -18,6 +18,7 @@ import torch
 
 from semani.alignment.segmenters.common import (
     ImageLike,
+    Sample,
     finalize_proposals,
     image_size,
     to_uint8_image,
@@ -70,7 +71,7 @@ class EntitySegSegmenter:
         log.info("loaded CropFormer %s from %s on %s", config_file, weights, device)
 
     @torch.no_grad()
-    def segment(self, image: ImageLike) -> EntityProposals:
+    def segment(self, image: ImageLike, sample: Sample | None = None) -> EntityProposals:
         """(3, H, W) image in [-1, 1] (or PIL) -> at most ``max_proposals`` entity masks."""
         size = image_size(image)
         bgr = to_uint8_image(image).permute(1, 2, 0).numpy()[:, :, ::-1]  # (H, W, 3) BGR

@@ -60,9 +60,10 @@ class GroundTruthSegmenter:
     def segment(
         self,
         image: ImageLike | None = None,
+        sample: Mapping[str, Any] | None = None,
+        *,
         entity_masks: Tensor | None = None,
         entity_names: Sequence[str] | None = None,
-        sample: Mapping[str, Any] | None = None,
         index: int | None = None,
     ) -> EntityProposals:
         """The entity masks of ``entity_masks``, ``sample``, ``dataset[index]`` or the bound

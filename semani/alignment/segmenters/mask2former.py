@@ -20,16 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from semani.alignment.segmenters.common import (
     ImageLike,
-    finalize_proposals,
+    Sample,
     image_size,
     to_uint8_image,
 )
 from semani.alignment.segmenters.hf_loading import from_pretrained
 from semani.alignment.types import EntityProposals
+from semani.modules.panoptic import panoptic_segments
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class Mask2FormerSegmenter:
         )
 
     @torch.no_grad()
-    def segment(self, image: ImageLike) -> EntityProposals:
+    def segment(self, image: ImageLike, sample: Sample | None = None) -> EntityProposals:
         """(3, H, W) image in [-1, 1] (or PIL) -> panoptic segments as proposals at (H, W)."""
         size = image_size(image)
         pixels = to_uint8_image(image)  # (3, H, W) uint8, the processor rescales and normalises
@@ -136,53 +136,10 @@ def panoptic_proposals(
     min_area_frac: float = 0.0,
     max_proposals: int | None = None,
 ) -> list[EntityProposals]:
-    """Universal-segmentation outputs of a batch -> one ``EntityProposals`` per image.
-
-    Mask2Former's panoptic inference (``panoptic_inference`` of the original code), without any
-    label fusion (every query its own segment: entities, not classes) and labels dropped:
-
-    1. a query is kept when its best class is not "no object" and that class's probability
-       (the segment's score) exceeds ``threshold``;
-    2. its mask logits (over the whole processed input, which the processor resized from the
-       image without padding) are upsampled to the image's (H, W) and turned into
-       probabilities; each pixel goes to the kept query of highest score x probability;
-    3. a query's segment is the pixels it won AND where its own probability is >=
-       ``mask_threshold``; it is dropped when empty or when it won less than
-       ``overlap_mask_area_threshold`` of its own mask.
-
-    transformers' ``post_process_panoptic_segmentation`` leaves out the "AND its own mask" of
-    step 3, so every pixel, background included, lands in some segment. With a class-agnostic
-    model whose background is not an entity (ShapesWorld) each segment then swallows background:
-    the ``experiment=entityseg_shapes`` model finds 9% of the 396 entities of the 200 ShapesWorld
-    test images (a proposal with IoU >= 0.5) that way, 98% with this inference.
-    """
-    class_logits = outputs.class_queries_logits  # (B, Q, C + 1), the last class is "no object"
-    mask_logits = outputs.masks_queries_logits  # (B, Q, h, w)
-    scores, labels = class_logits.softmax(-1).max(-1)  # (B, Q)
-    no_object = class_logits.shape[-1] - 1
-    proposals = []
-    for i, size in enumerate(sizes):
-        keep = (labels[i] != no_object) & (scores[i] > threshold)
-        score = scores[i, keep]  # (Qk,)
-        masks, kept = [], []
-        if len(score):
-            probs = F.interpolate(
-                mask_logits[i, keep][None].float(), size=size, mode="bilinear", align_corners=False
-            )[0].sigmoid()  # (Qk, H, W)
-            owner = (probs * score[:, None, None]).argmax(0)  # (H, W)
-        for k in range(len(score)):
-            won = owner == k
-            own = probs[k] >= mask_threshold
-            segment = won & own
-            if not segment.any() or won.sum() < overlap_mask_area_threshold * own.sum():
-                continue
-            masks.append(segment)
-            kept.append(k)
-        if masks:
-            masks_t, scores_t = torch.stack(masks).cpu(), score[kept].cpu()
-        else:
-            masks_t, scores_t = torch.zeros(0, *size, dtype=torch.bool), torch.zeros(0)
-        proposals.append(
-            finalize_proposals(masks_t, scores_t, size, None, min_area_frac, max_proposals)
-        )
-    return proposals
+    """Universal-segmentation outputs of a batch -> one ``EntityProposals`` per image: the
+    class-agnostic panoptic inference ``semani.modules.panoptic.panoptic_segments`` (see there)."""
+    segments = panoptic_segments(
+        outputs, sizes, threshold, mask_threshold, overlap_mask_area_threshold, min_area_frac,
+        max_proposals,
+    )  # fmt: skip
+    return [EntityProposals(masks, scores) for masks, scores in segments]

@@ -29,6 +29,7 @@ import torch
 
 from semani.alignment.segmenters.common import (
     ImageLike,
+    Sample,
     finalize_proposals,
     image_size,
     resize_masks,
@@ -110,7 +111,7 @@ class SamSegmenter:
         )
 
     @torch.no_grad()
-    def segment(self, image: ImageLike) -> EntityProposals:
+    def segment(self, image: ImageLike, sample: Sample | None = None) -> EntityProposals:
         """(3, H, W) image in [-1, 1] (or PIL) -> SAM's entity proposals at (H, W)."""
         size = image_size(image)
         inputs = self.processor(images=[to_uint8_image(image)], return_tensors="pt")
