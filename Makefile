@@ -29,9 +29,15 @@ $(VENV)/.installed-notebooks: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[dev,notebooks]"
 	touch $@
 
-# Everything, including tests marked slow (they skip with a reason when weights are absent)
-# and the notebook run (tests/test_notebook.py, a few minutes).
+# Everything, including tests marked slow (they skip with a reason when weights are absent),
+# the notebook run (tests/test_notebook.py, a few minutes) and the app in Chromium
+# (tests/test_app_browser.py: the browser extra and Debian's chromium are installed where
+# missing; when that fails, e.g. no root, the test skips with its reason).
 test-all: $(VENV)/.installed-notebooks
+	-$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install -q -e ".[browser]"
+	-command -v chromium >/dev/null || for as in "sudo -n" ""; do \
+	  $$as apt-get update -q && $$as env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -q chromium && break; done
 	$(PY) -m ruff check .
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q -m "" $(PYTEST_ARGS)
 

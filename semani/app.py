@@ -12,12 +12,20 @@ guidance, the seed and the selection threshold. Each request runs `semani.Entity
   table of every proposal (similarity per word, which were chosen, segmenter score, area);
 - the chosen mask (white = edited) and the result, both at the input's size, side by side;
 - one message: what was done, or why not (an entity that is not found lists the best proposals
-  and their similarities; an unreadable image; an empty text; ...), never a traceback.
+  and their similarities; an unreadable image; an empty text; ...), never a traceback and never
+  a server path (the upload is named by its file name).
+
+Limits (`semani.app_limits`, configs/app.yaml): gradio refuses uploads over `max_file_size`; an
+image over `max_pixels` is refused from its header before it is decoded; one whose longer side
+is over `max_side` is edited on a resized copy (the proposals are shown on it) and the result is
+resized back and pasted into the upload inside the chosen mask; every argument is checked on the
+server against `bounds` (an `error:` message, never a silently replaced value).
 
 Models (`load_models`): the configured method's pipeline; when its weights are missing (the
-method's `weights` list) or it fails to load, the ShapesWorld models of `cfg.shapes`, with
-ShapesWorld test images as examples; when those are missing too, the app starts anyway and
-names the missing files and the commands that make them.
+method's `weights` list) or it fails to load (a corrupt or refused checkpoint: the notice names
+the file), the ShapesWorld models of `cfg.shapes`; when those are missing too, the app starts
+anyway and names the missing files and the commands that make them. The ShapesWorld test images
+are offered as examples whenever they exist (`cfg.shapes.examples_dir`), whichever models load.
 """
 
 from __future__ import annotations
@@ -36,6 +44,14 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from semani.alignment.types import EntityNotFoundError, EntityProposals
+from semani.app_limits import (
+    Limits,
+    Request,
+    check_upload,
+    paste_back,
+    public_message,
+    working_copy,
+)
 from semani.pipeline import EntityEditPipeline, plan_edits
 from semani.utils.errors import USER_ERRORS, one_line
 from semani.utils.image_io import read_image
@@ -49,6 +65,15 @@ __all__ = ["EditOutputs", "Models", "build_app", "launch", "load_models", "main"
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 # the table's columns before any proposal
 EMPTY_TABLE = ["proposal", "similarity", "chosen for", "segmenter score", "area %"]
+# the limits of configs/app.yaml (run_edit's default; the app passes the configured ones)
+DEFAULT_LIMITS = Limits()
+# the images' box (px), and small images (ShapesWorld's 64 px) scaled up to fill it, pixelated
+IMAGE_HEIGHT = 320
+CSS = """
+#image img, #mask img, #result img { width: 100%; height: 100%; object-fit: contain;
+  image-rendering: pixelated; }
+#proposals img { image-rendering: pixelated; }
+"""
 # proposal colours in the overlay (matplotlib's tab10)
 PALETTE = "#1f77b4 #ff7f0e #2ca02c #d62728 #9467bd #8c564b #e377c2 #7f7f7f #bcbd22 #17becf".split()
 
@@ -65,7 +90,8 @@ class MissingWeightsError(FileNotFoundError):
 class Models:
     """What the app edits with: the pipeline (None when nothing loads), which set it is
     ("configured", "ShapesWorld" or "none"), a Markdown notice for the page (why the fallback,
-    or what is missing) and example rows [image, entity, text]."""
+    or what is missing) and example rows [image, entity, text] (ShapesWorld test images, with
+    whichever models load)."""
 
     pipeline: EntityEditPipeline | None = None
     kind: str = "none"
@@ -122,8 +148,9 @@ def _reason(err: BaseException) -> str:
 def load_models(cfg: DictConfig) -> Models:
     """The configured pipeline, else the ShapesWorld one (`cfg.shapes`), else none; the notice
     says which and why (see the module docstring)."""
+    examples = shapes_examples(cfg.shapes.examples_dir, int(cfg.shapes.num_examples))
     try:
-        return Models(_build(cfg), "configured")
+        return Models(_build(cfg), "configured", examples=examples)
     except USER_ERRORS as err:
         configured = err
         log.warning("the configured models cannot be loaded: %s", one_line(err))
@@ -146,7 +173,6 @@ def load_models(cfg: DictConfig) -> Models:
         )
     log.info("using the ShapesWorld models")
     notice += " Using the ShapesWorld models instead (64 px shapes; try the examples below)."
-    examples = shapes_examples(cfg.shapes.examples_dir, int(cfg.shapes.num_examples))
     return Models(pipeline, "ShapesWorld", notice, examples)
 
 
@@ -258,31 +284,50 @@ def run_edit(
     text: str | None,
     steps: int | None = None,
     guidance: float | None = None,
-    seed: int | None = 0,
-    threshold: float | None = None,
+    seed: int = 0,
+    threshold: float | str | None = None,
     strict: bool = False,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> EditOutputs:
     """Find the entity `entity` names in `image` (a path) and re-paint it after `text` (see the
-    module docstring); every expected failure becomes the message."""
+    module docstring). Every argument is checked against `limits` first (steps / guidance None:
+    the editor's own; threshold None or blank: the scorer's rule); every expected failure
+    becomes the message, which names the upload by its file name only."""
     if models.pipeline is None:
         return EditOutputs(models.notice or "no models loaded")
     path = _upload_path(image)
     if not path:
         return EditOutputs("Upload an image first.")
+    try:
+        request = limits.check(entity, text, steps, guidance, seed, threshold, strict)
+    except ValueError as err:  # an argument out of range or of the wrong type
+        return EditOutputs(public_message(f"error: {one_line(err)}", path))
+    out = _edit(models.pipeline, path, request, limits)
+    out.message = public_message(out.message, path)
+    return out
+
+
+def _edit(
+    pipeline: EntityEditPipeline, path: str, request: Request, limits: Limits
+) -> EditOutputs:
+    """One checked request on the upload at `path` (a working copy when it is over
+    `limits.max_side`)."""
     proposals, word_sims, chosen = None, {}, {}
     source = None
     try:
-        source = read_image(path)
-        pipeline = _with_selection(models.pipeline, threshold, bool(strict))
-        plan_edits(text or "", (entity or "").strip() or None, has_mask=False)  # before proposing
+        check_upload(path, limits)  # bytes, then pixels from the header: before decoding
+        original = read_image(path)
+        source = working_copy(original, limits.max_side)
+        pipeline = _with_selection(pipeline, request.threshold, request.strict)
+        plan_edits(request.text, request.entity, has_mask=False)  # before proposing
         proposals = pipeline.propose(source)
         result = pipeline(
             source,
-            text or "",
-            entity=(entity or "").strip() or None,
-            seed=None if seed is None else int(seed),
+            request.text,
+            entity=request.entity,
+            seed=request.seed,
             proposals=proposals,
-            **_sampler(pipeline, steps, guidance),
+            **_sampler(pipeline, request.steps, request.guidance),
         )
     except EntityNotFoundError as err:
         if proposals is not None:
@@ -299,17 +344,24 @@ def run_edit(
     picked = "; ".join(
         f"{e.word!r} -> " + ", ".join(f"#{i}" for i in e.alignment.chosen) for e in result.edits
     )
+    edited, mask, scaled = result.image, result.mask, ""
+    if source is not original:  # edited at max_side: back to the upload's size
+        edited, mask = paste_back(original, result.image, result.mask)
+        scaled = (
+            f" Edited at {source.width}x{source.height} (max_side {limits.max_side}) and "
+            f"pasted into the {original.width}x{original.height} upload."
+        )
     n = len(result.edits)
     out = _outputs(
         f"Edited {n} entit{'y' if n == 1 else 'ies'} ({picked}), "
-        f"{100 * result.mask.mean():.1f}% of the image.",
+        f"{100 * mask.mean():.1f}% of the image.{scaled}",
         source,
         proposals,
         word_sims,
         chosen,
     )
-    out.mask = result.mask_image()
-    out.result = result.image
+    out.mask = Image.fromarray(mask.astype(np.uint8) * 255, "L")
+    out.result = edited
     return out
 
 
@@ -332,20 +384,24 @@ def _outputs(
 
 def build_app(cfg: DictConfig, models: Models) -> Any:
     """The `gr.Blocks` page on `models`; its edit is also the API endpoint "/edit" (inputs:
-    image, entity, text, steps, guidance, seed, threshold, strict)."""
+    image, entity, text, steps, guidance, seed, threshold, strict), checked against the
+    config's limits (`Limits.from_config`) whichever way it is called."""
     import gradio as gr
     import pandas as pd
 
     pipeline = models.pipeline
     editor = pipeline.editor if pipeline is not None else None
     options = pipeline.sampler_options if pipeline is not None else ()
+    limits = Limits.from_config(cfg)
 
     def edit(image, entity, text, steps, guidance, seed, threshold, strict):
+        args = (image, entity, text, steps, guidance, seed, threshold, strict)
         try:
-            out = run_edit(models, image, entity, text, steps, guidance, seed, threshold, strict)
+            out = run_edit(models, *args, limits=limits)
         except Exception as err:  # a bug, out of memory, ...: one line here, the traceback logged
             log.exception("edit failed")
-            out = EditOutputs(f"error: {one_line(err)} (the traceback is in the log)")
+            message = f"error: {one_line(err)} (the traceback is in the log)"
+            out = EditOutputs(public_message(message, _upload_path(image)))
         colours = {
             label: PALETTE[i % len(PALETTE)]
             for i, (_, label) in enumerate(out.proposals[1] if out.proposals else [])
@@ -363,7 +419,8 @@ def build_app(cfg: DictConfig, models: Models) -> Any:
             "## SeMani: entity-level text-guided image manipulation\n"
             "Name the entity to edit (the alignment phase finds it among the segmenter's "
             "proposals) and describe what it should become. "
-            + (f"Models: **{models.kind}** ({type(editor).__name__})." if editor else "")
+            + (f"Models: **{models.kind}** ({type(editor).__name__}). " if editor else "")
+            + limits.describe()
         )
         if models.notice:
             gr.Markdown(models.notice)
@@ -377,56 +434,95 @@ def build_app(cfg: DictConfig, models: Models) -> Any:
                     image_mode=None,
                     sources=["upload", "clipboard"],
                     format="png",
+                    height=IMAGE_HEIGHT,
+                    elem_id="image",
                 )
                 entity = gr.Textbox(
                     label="entity",
                     placeholder="bird",
                     info="the word naming the entity; empty: text is 'word: text | word: text'",
+                    max_length=limits.entity_chars,
+                    elem_id="entity",
                 )
-                text = gr.Textbox(label="text", placeholder="a blue bird with a red crown")
+                text = gr.Textbox(
+                    label="text",
+                    placeholder="a blue bird with a red crown",
+                    max_length=limits.text_chars,
+                    elem_id="text",
+                )
                 with gr.Row():
                     steps = gr.Slider(
-                        1,
-                        200,
-                        value=getattr(editor, "steps", 50) or 50,
+                        *limits.steps,
+                        value=limits.start("steps", getattr(editor, "steps", 50) or 50),
                         step=1,
                         label="steps",
                         visible="steps" in options,
                     )
                     guidance = gr.Slider(
-                        0.0,
-                        20.0,
-                        value=getattr(editor, "guidance_scale", 7.5),
+                        *limits.guidance,
+                        value=limits.start("guidance", getattr(editor, "guidance_scale", 7.5)),
                         step=0.5,
                         label="guidance",
                         visible="guidance_scale" in options,
                     )
                 with gr.Row():
-                    seed = gr.Number(value=cfg.get("seed", 0), precision=0, label="seed")
-                    threshold = gr.Number(
-                        value=None,
+                    seed = gr.Number(
+                        value=cfg.get("seed", 0),
+                        precision=0,
+                        minimum=limits.seed[0],
+                        maximum=limits.seed[1],
+                        label="seed",
+                    )
+                    # a Textbox: a gr.Number shows (and sends) 0 when it has no value
+                    threshold = gr.Textbox(
+                        value="",
                         label="threshold",
-                        info="empty: the scorer's rule; set: the best proposal and every other "
-                        "at or above it",
+                        placeholder="empty",
+                        info="empty: the scorer's rule; a number from "
+                        f"{limits.threshold[0]:g} to {limits.threshold[1]:g}: the best proposal "
+                        "and every other at or above it",
+                        max_length=32,
+                        elem_id="threshold",
                     )
                     strict = gr.Checkbox(
                         value=cfg.alignment.threshold_mode == "strict",
                         label="strict",
                         info="none reaches the threshold: not found",
                     )
-                button = gr.Button("Edit", variant="primary")
+                button = gr.Button("Edit", variant="primary", elem_id="edit")
             with gr.Column():
-                message = gr.Markdown()
+                message = gr.Markdown(elem_id="message")
                 proposals = gr.AnnotatedImage(
-                    label="entity proposals: similarity to the word (✓ chosen)", format="png"
+                    label="entity proposals: similarity to the word (✓ chosen)",
+                    format="png",
+                    elem_id="proposals",
                 )
-                table = gr.Dataframe(label="proposals", interactive=False)
+                table = gr.Dataframe(
+                    value=pd.DataFrame(columns=EMPTY_TABLE),
+                    label="proposals",
+                    interactive=False,
+                    elem_id="table",
+                )
         with gr.Row():
-            mask = gr.Image(label="chosen mask (white = edited)", format="png", interactive=False)
-            result = gr.Image(label="result", format="png", interactive=False)
+            mask = gr.Image(
+                label="chosen mask (white = edited)",
+                format="png",
+                interactive=False,
+                height=IMAGE_HEIGHT,
+                elem_id="mask",
+            )
+            result = gr.Image(
+                label="result",
+                format="png",
+                interactive=False,
+                height=IMAGE_HEIGHT,
+                elem_id="result",
+            )
         if models.examples:
             gr.Examples(
-                models.examples, inputs=[image, entity, text], label="ShapesWorld test images"
+                models.examples,
+                inputs=[image, entity, text],
+                label="ShapesWorld examples (test images, 64 px)",
             )
         # preprocess=False: the image arrives as gradio's file payload, so an unreadable upload
         # is read_image's message, not gradio's generic error (the upload is still checked)
@@ -442,14 +538,18 @@ def build_app(cfg: DictConfig, models: Models) -> Any:
 
 def launch(cfg: DictConfig, **kwargs: Any) -> Any:
     """Load the models, build the page and serve it (`cfg.server_name`, `server_port`,
-    `share`; `kwargs` go to `gr.Blocks.launch`, e.g. `prevent_thread_lock=True`)."""
+    `share`, `max_file_size`; `kwargs` go to `gr.Blocks.launch`, e.g.
+    `prevent_thread_lock=True`)."""
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise SystemExit('error: the app needs gradio: pip install -e ".[app]"') from None
     extras(cfg)
+    limits = Limits.from_config(cfg)  # a bad max_file_size stops here, before loading
     models = load_models(cfg)
     demo = build_app(cfg, models)
+    kwargs.setdefault("max_file_size", limits.max_file_size)
+    kwargs.setdefault("css", CSS)
     demo.launch(
         server_name=cfg.server_name, server_port=cfg.server_port, share=cfg.share, **kwargs
     )

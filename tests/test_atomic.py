@@ -125,3 +125,52 @@ def test_replace_dir_puts_the_old_folder_back_on_failure(tmp_path: Path, monkeyp
         replace_dir(new, out)
     assert (out / "a.txt").read_text() == "old"
     assert _listing(tmp_path) == ["new", "out"]  # the caller still owns `new`
+
+
+def test_a_failed_write_names_the_destination_not_the_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    def full_disk(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    target = tmp_path / "edited.png"
+    with pytest.raises(OSError) as err:
+        save_image(target, Image.new("RGB", (2, 2)))
+    assert err.value.errno == errno.ENOSPC
+    assert (
+        str(err.value) == f"[Errno {errno.ENOSPC}] cannot write {target}: No space left on device"
+    )
+    assert ".tmp" not in str(err.value) and not list(tmp_path.iterdir())
+    with pytest.raises(FileNotFoundError, match=f"cannot write {tmp_path / 'no' / 'x.md'}"):
+        write_text(tmp_path / "no" / "x.md", "x")  # a missing folder
+
+
+SIGTERMED = """
+import os, signal, sys, time
+from pathlib import Path
+from semani.utils.atomic import atomic_path
+from semani.utils.task_utils import exit_on_sigterm
+
+exit_on_sigterm()
+with atomic_path(Path(sys.argv[1])) as tmp:
+    tmp.write_text("half")
+    os.kill(os.getpid(), signal.SIGTERM)  # what SLURM and docker send
+    time.sleep(30)
+"""
+
+
+def test_sigterm_leaves_no_temporary(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    target = tmp_path / "out.png"
+    proc = subprocess.run([sys.executable, "-c", SIGTERMED, str(target)], env=env, timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert _listing(tmp_path) == []  # neither the file nor its temporary

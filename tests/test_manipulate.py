@@ -300,3 +300,78 @@ def test_cli_missing_model_is_one_line_and_nonzero(
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(missing) in errors[0], proc.stderr
     assert not (tmp_path / "out" / "edited.png").exists()
+
+
+# -- hardening ------------------------------------------------------------------------------------
+def test_an_unwritable_out_fails_before_any_model_is_built(
+    tmp_path: Path, rgba_image: Path, mask_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from semani.pipeline import EntityEditPipeline
+
+    built = []
+    monkeypatch.setattr(EntityEditPipeline, "from_config", lambda *a, **k: built.append(1))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cfg = _cfg(tmp_path, ["method=semani_diff", f"image={rgba_image}", f"mask={mask_file}",
+                          "text=a red circle", f"out={blocker / 'edits'}"])  # fmt: skip
+    with pytest.raises(SystemExit, match=f"cannot write into out={blocker / 'edits'}"):
+        main(cfg)
+    assert not built
+
+
+def test_the_three_outputs_are_written_as_one_set(
+    tmp_path: Path, inpaint_folder: Path, rgba_image: Path, mask_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from semani.pipeline import EditResult
+
+    cfg = _cfg(tmp_path, _diff(inpaint_folder)
+               + [f"image={rgba_image}", f"mask={mask_file}", "text=a red circle"])  # fmt: skip
+    manipulate(cfg)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+
+    def broken(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(EditResult, "overlay", broken)  # the third output fails
+    with pytest.raises(OSError, match="No space left"):
+        manipulate(
+            _cfg(
+                tmp_path,
+                _diff(inpaint_folder)
+                + [f"image={rgba_image}", f"mask={mask_file}", "text=a blue circle", "seed=5"],
+            )
+        )
+    after = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert after == before  # none of the new set was renamed in, no temporary left
+
+
+def test_a_one_pixel_high_image(tmp_path: Path, inpaint_folder: Path) -> None:
+    image = tmp_path / "line.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1, 40, 3), np.uint8)).save(image)
+    mask = tmp_path / "line_mask.png"
+    m = np.zeros((1, 40), np.uint8)
+    m[0, 10:20] = 255
+    Image.fromarray(m).save(mask)
+    manipulate(_cfg(tmp_path, _diff(inpaint_folder)
+                    + [f"image={image}", f"mask={mask}", "text=a red line"]))  # fmt: skip
+    got = np.asarray(Image.open(tmp_path / "out" / "edited.png"))
+    assert got.shape == (1, 40, 3)
+    assert np.array_equal(got[0, :10], np.asarray(Image.open(image))[0, :10])
+
+
+def test_a_text_longer_than_the_encoder_reads_is_warned(
+    tmp_path: Path, inpaint_folder: Path, rgba_image: Path, mask_file: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    long = "a small red bird " * 20 + "with a zebra"
+    overrides = [
+        *_diff(inpaint_folder),
+        f"image={rgba_image}",
+        f"mask={mask_file}",
+        f"text={long}",
+    ]
+    with caplog.at_level(logging.WARNING, logger="semani"):
+        manipulate(_cfg(tmp_path, overrides))
+    warned = [r.getMessage() for r in caplog.records if "is dropped" in r.getMessage()]
+    assert warned and "the text encoder reads 77" in warned[0] and "zebra" in warned[0]

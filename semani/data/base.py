@@ -51,7 +51,12 @@ OnCorrupt = Literal["skip", "raise"]
 
 
 class DataLayoutError(FileNotFoundError):
-    """The data root is missing or not laid out as the data set expects."""
+    """The data root is missing or not laid out as the data set expects; `summary` says what
+    is wrong and how to get the data in one line, the message adds the expected layout."""
+
+    def __init__(self, message: str, summary: str | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 class CaptionFileError(ValueError):
@@ -145,8 +150,11 @@ def require_paths(root: Path, relpaths: Sequence[str], layout: str, hint: str = 
             if not root.is_dir()
             else (f"data root {root} lacks {', '.join(missing)}")
         )
-        hint = f"\n{hint.replace('<root>', str(root))}" if hint else ""
-        raise DataLayoutError(f"{what}. Expected layout:\n{layout}{hint}")
+        hint = hint.replace("<root>", str(root))
+        raise DataLayoutError(
+            f"{what}. Expected layout:\n{layout}" + (f"\n{hint}" if hint else ""),
+            summary=f"{what}. {hint or 'See the data set docstring for its layout.'}",
+        )
 
 
 class CaptionImageDataset(Dataset):

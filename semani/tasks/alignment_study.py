@@ -27,9 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from semani.alignment.study import markdown_table, records_as_dicts, run_study, summarize
 from semani.utils.atomic import write_csv, write_text
-from semani.utils.errors import USER_ERRORS, one_line
+from semani.utils.errors import one_line_errors
 from semani.utils.instantiators import instantiate_unwrapped
 from semani.utils.pylogger import get_pylogger
+from semani.utils.task_utils import exit_on_sigterm
 
 log = get_pylogger(__name__)
 
@@ -135,11 +136,9 @@ def alignment_study(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+@one_line_errors()
 def main(cfg: DictConfig) -> dict[str, float]:
     """`alignment_study(cfg)`; the failures a user can fix (a missing file, a bad option) exit
     with one line."""
-    try:
-        return alignment_study(cfg)
-    except USER_ERRORS as err:
-        log.debug("alignment study failed", exc_info=True)
-        raise SystemExit(f"error: {one_line(err)}") from None
+    exit_on_sigterm()
+    return alignment_study(cfg)

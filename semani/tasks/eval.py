@@ -23,9 +23,12 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from semani.utils.checkpoint_io import SafeCheckpointIO
+from semani.utils.errors import one_line_errors
 from semani.utils.instantiators import instantiate_callbacks, instantiate_loggers
 from semani.utils.pylogger import get_pylogger
-from semani.utils.task_utils import extras, log_hyperparameters, task_wrapper
+from semani.utils.task_utils import exit_on_sigterm, extras, log_hyperparameters, task_wrapper
+from semani.utils.weights import check_required
 
 log = get_pylogger(__name__)
 
@@ -46,7 +49,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[SafeCheckpointIO()]
+    )
     object_dict = {
         "cfg": cfg,
         "datamodule": datamodule,
@@ -58,7 +63,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     log_hyperparameters(object_dict)
 
     log.info("Testing checkpoint %s", ckpt_path)
-    trainer.test(model=model, datamodule=datamodule, ckpt_path=str(ckpt_path))
+    trainer.test(model=model, datamodule=datamodule, ckpt_path=str(ckpt_path), weights_only=True)
     metric_dict = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return metric_dict, object_dict
 
@@ -69,14 +74,16 @@ USAGE = (
 )
 
 
+@one_line_errors()
 def checkpoint(cfg: DictConfig) -> dict[str, float]:
-    """``protocol=checkpoint``: test ``cfg.ckpt_path`` (missing or absent: one line and a
-    non-zero exit)."""
+    """``protocol=checkpoint``: test ``cfg.ckpt_path`` (missing or absent, unreadable or unsafe:
+    one line and a non-zero exit)."""
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise SystemExit(f"error: {USAGE}")
     if not Path(str(cfg.ckpt_path)).is_file():
         raise SystemExit(f"error: ckpt_path={cfg.ckpt_path} does not exist. {USAGE}")
     extras(cfg)
+    check_required(cfg)
     metric_dict, _ = evaluate(cfg)
     return metric_dict
 
@@ -85,6 +92,7 @@ def main(cfg: DictConfig) -> dict[str, float]:
     """Entry point for ``eval.py``: the protocol's task (``task`` of configs/protocol/<name>:
     this module's `checkpoint`, `semani.tasks.alignment_study.main` or
     `semani.tasks.table1.main`)."""
+    exit_on_sigterm()
     task = hydra.utils.get_method(str(cfg.get("task", "semani.tasks.eval.checkpoint")))
     if task is not checkpoint:
         extras(cfg)

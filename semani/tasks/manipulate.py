@@ -12,9 +12,10 @@ The task reads the input, calls `semani.EntityEditPipeline` (built from the `edi
 2. **Edit** with the pipeline: `entity=bird text="a blue bird"`, or several edits
    `text="bird: a blue bird | branch: a snowy branch"`, or `mask=` and a plain text (no
    alignment). Every proposal's similarity is logged, and which were chosen.
-3. **Write** into `out`, each to a temporary name then renamed (`semani.utils.atomic`: a crash
-   leaves no half file): `edited.png`, `mask.png` (the union of the edited masks, 0/255) and
-   `overlay.png` (the input with that mask tinted red).
+3. **Write** into `out` (checked writable before any model is built; created only now) as one
+   set, each to a temporary name, renamed when all three are complete (`semani.utils.atomic`:
+   a crash leaves no half file): `edited.png`, `mask.png` (the union of the edited masks,
+   0/255) and `overlay.png` (the input with that mask tinted red).
 
 `main(cfg)` turns the expected failures (unreadable image, missing model or weights, missing
 required key, entity not found, unparsable text, a mask too small) into one line on stderr and
@@ -23,6 +24,8 @@ exit status 1 (the traceback is logged at debug level: `hydra.verbose=true`).
 
 from __future__ import annotations
 
+import os
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +34,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from semani.alignment.types import EntityNotFoundError
 from semani.pipeline import EditResult, EntityEditPipeline
-from semani.utils.atomic import save_image
-from semani.utils.errors import USER_ERRORS, one_line
+from semani.utils.atomic import atomic_path
+from semani.utils.errors import one_line_errors
 from semani.utils.image_io import read_image, read_mask
 from semani.utils.pylogger import get_pylogger
-from semani.utils.task_utils import extras
+from semani.utils.task_utils import exit_on_sigterm, extras
 from semani.utils.weights import check_weights
 
 log = get_pylogger(__name__)
@@ -54,13 +57,30 @@ def _check_required(cfg: DictConfig) -> None:
         raise ValueError(f"missing required {', '.join(missing)}: pass {given}")
 
 
+def check_writable(out: Path) -> None:
+    """`OSError` now, before any model is built, when `out` cannot be made or written (it is
+    a file, or under one, or its nearest existing folder is read-only); nothing is created."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"cannot write into out={out}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write into out={out}: {probe} is not writable")
+
+
 def write_outputs(out: Path, result: EditResult) -> dict[str, Path]:
-    """`OUTPUTS` of `result` into `out` (each written to a temporary name, then renamed)."""
+    """`OUTPUTS` of `result` into `out` as one set: all three are written to temporary names
+    first and renamed only when every one is complete (a failure leaves none of them, and any
+    earlier outputs in `out` untouched)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in OUTPUTS}
-    save_image(paths["edited.png"], result.image)
-    save_image(paths["mask.png"], result.mask_image())
-    save_image(paths["overlay.png"], result.overlay())
+    images = {"edited.png": result.image, "mask.png": result.mask_image(),
+              "overlay.png": result.overlay()}  # fmt: skip
+    with ExitStack() as stack:
+        tmps = {name: stack.enter_context(atomic_path(paths[name])) for name in OUTPUTS}
+        for name in OUTPUTS:
+            images[name].save(tmps[name], format="PNG")
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return paths
 
@@ -77,30 +97,32 @@ def manipulate(cfg: DictConfig) -> dict[str, Any]:
     mask = read_mask(cfg.mask, (H, W)) if cfg.get("mask") else None
     if mask is not None and not mask.any():
         raise ValueError(f"mask {cfg.mask} has no white pixel: nothing to edit")
+    out = Path(str(cfg.out))
+    check_writable(out)
     check_weights(cfg, skip=("alignment.",) if mask is not None else ())
     pipe = EntityEditPipeline.from_config(cfg, align=mask is None)
     result = pipe(image, cfg.text, entity=cfg.get("entity"), mask=mask, seed=cfg.get("seed"))
     for step in result.edits:
         for line in step.describe():
             log.info("%s", line)
-    paths = write_outputs(Path(str(cfg.out)), result)
+    paths = write_outputs(out, result)
     return {
         "outputs": {k: str(v) for k, v in paths.items()},
         "edits": [step.report() for step in result.edits],
     }
 
 
-def main(cfg: DictConfig) -> dict[str, Any]:
-    """Entry point of `manipulate.py`: `manipulate(cfg)`; expected failures exit with status 1
-    and one line on stderr (an entity not found also logs every proposal's similarity)."""
-    try:
-        extras(cfg)
-        return manipulate(cfg)
-    except EntityNotFoundError as err:
+def _log_ranking(err: BaseException) -> None:
+    if isinstance(err, EntityNotFoundError):
         log.info("no match for %r; every proposal, best first:", err.word)
         for i, sim in err.ranking:
             log.info("  proposal #%d: similarity %s", i, "n/a" if sim != sim else f"{sim:.3f}")
-        raise SystemExit(f"error: {one_line(err)}") from None
-    except USER_ERRORS as err:
-        log.debug("manipulate failed", exc_info=True)
-        raise SystemExit(f"error: {one_line(err)}") from None
+
+
+@one_line_errors(EntityNotFoundError, on_error=_log_ranking)
+def main(cfg: DictConfig) -> dict[str, Any]:
+    """Entry point of `manipulate.py`: `manipulate(cfg)`; expected failures exit with status 1
+    and one line on stderr (an entity not found also logs every proposal's similarity)."""
+    exit_on_sigterm()
+    extras(cfg)
+    return manipulate(cfg)

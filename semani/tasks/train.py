@@ -6,9 +6,18 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
+from semani.utils.checkpoint_io import SafeCheckpointIO
+from semani.utils.errors import one_line_errors
 from semani.utils.instantiators import instantiate_callbacks, instantiate_loggers
 from semani.utils.pylogger import get_pylogger
-from semani.utils.task_utils import extras, get_metric_value, log_hyperparameters, task_wrapper
+from semani.utils.task_utils import (
+    exit_on_sigterm,
+    extras,
+    get_metric_value,
+    log_hyperparameters,
+    task_wrapper,
+)
+from semani.utils.weights import check_required
 
 log = get_pylogger(__name__)
 
@@ -24,6 +33,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     ``cfg.ckpt_path`` resumes a run: the step counter, optimizer, scheduler and loop states are
     restored from that Lightning checkpoint.
     """
+    check_required(cfg)  # required keys and the weight files read, before anything is built
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
 
@@ -34,7 +44,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[SafeCheckpointIO()]
+    )
 
     object_dict = {
         "cfg": cfg,
@@ -49,12 +61,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     metric_dict: dict[str, float] = {}
     if cfg.get("validate_first"):
         log.info("Validating before training (baseline)")
-        trainer.validate(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.validate(
+            model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True
+        )
         metric_dict.update({f"before/{k}": v for k, v in _metrics(trainer).items()})
 
     if cfg.get("train"):
         log.info("Starting training")
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(
+            model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True
+        )
     metric_dict.update(_metrics(trainer))
 
     if cfg.get("validate_first") and cfg.get("train") and not trainer.fast_dev_run:
@@ -73,15 +89,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if not ckpt:
             log.warning("No best checkpoint found; testing the current weights")
             ckpt = None
-        trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt)
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         metric_dict.update(_metrics(trainer))
         log.info("Best checkpoint: %s", ckpt)
 
     return metric_dict, object_dict
 
 
+@one_line_errors()
 def main(cfg: DictConfig) -> float | None:
-    """Entry point for ``train.py``: run extras, train, and return the sweeper's metric."""
+    """Entry point for ``train.py``: run extras, train, and return the sweeper's metric; the
+    failures a user can fix (missing data, weights or keys) exit with one `error:` line."""
+    exit_on_sigterm()
     extras(cfg)
     metric_dict, _ = train(cfg)
     return get_metric_value(metric_dict, cfg.get("optimized_metric"))

@@ -2,8 +2,10 @@
 
 Each function writes to a temporary name in the destination's folder (same file system, so the
 rename is atomic), then `os.replace`-s it over the destination. On any error, `KeyboardInterrupt`
-included, the temporary is removed and the previous file (if any) is left untouched, so a crash
-never leaves a half-written table, image or questionnaire behind.
+included (and SIGTERM in the entry points, `semani.utils.task_utils.exit_on_sigterm`), the
+temporary is removed and the previous file (if any) is left untouched, so a crash never leaves a
+half-written table, image or questionnaire behind. A failed write (a full disk, a read-only
+folder) is an `OSError` naming the destination, never the hidden temporary.
 
 - `atomic_path(path)`: the building block, a context manager yielding the temporary file's path;
 - `write_text(path, text)`, `write_csv(path, rows, fieldnames)`, `save_image(path, image)`;
@@ -50,6 +52,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as err:  # name the destination, not the hidden temporary
+        reason = err.strerror or " ".join(str(err).split()) or type(err).__name__
+        raise type(err)(err.errno, f"cannot write {path}: {reason}") from err
     finally:
         tmp.unlink(missing_ok=True)  # a no-op after the rename
 

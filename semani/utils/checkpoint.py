@@ -79,7 +79,12 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
 
 
 class CheckpointMismatchError(RuntimeError):
-    """The checkpoint's state dict does not fit the model it is loaded into."""
+    """The checkpoint's state dict does not fit the model it is loaded into, or the file holds
+    something else than a checkpoint."""
+
+
+class UnreadableCheckpointError(OSError):
+    """The checkpoint file is empty, truncated or corrupt (e.g. an interrupted save)."""
 
 
 def _safe_globals() -> list[tuple[type, str]]:
@@ -89,30 +94,63 @@ def _safe_globals() -> list[tuple[type, str]]:
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a ``torch.save`` file on the CPU with weights-only unpickling.
 
+    Every failure names the file and what is wrong with it.
+
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        UnreadableCheckpointError: the file is empty, truncated or not a torch file.
         UnsafeCheckpointError: the pickle references a global that is not allowed (the message
             names it); no code from the file was run.
+        CheckpointMismatchError: the file holds something else than a checkpoint dict.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: '{path}' (resolved: '{path.resolve()}')")
+    size = path.stat().st_size
+    if size == 0:
+        raise UnreadableCheckpointError(
+            f"checkpoint '{path}' is empty (0 bytes): an interrupted save or copy; use an "
+            "earlier checkpoint or save it again"
+        )
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise UnsafeCheckpointError(_unsafe_message(path, err)) from None
+        names = _unsafe_globals(path)
+        if names or "Unsupported global" in str(err):  # a payload, refused
+            raise UnsafeCheckpointError(_unsafe_message(path, err, names)) from None
+        unreadable = err  # not a pickle of ours at all (random bytes, another format)
+    except (OSError, EOFError, RuntimeError, KeyError, ValueError) as err:
+        unreadable = err
+    else:
+        unreadable = None
+    if unreadable is not None:
+        reason = " ".join(str(unreadable).split()) or type(unreadable).__name__
+        reason = reason.split("WeightsUnpickler error:")[-1].split(" Check the ")[0].strip()
+        raise UnreadableCheckpointError(
+            f"checkpoint '{path}' ({size} bytes) cannot be read: the file is truncated, "
+            f"corrupt or not a torch checkpoint ({type(unreadable).__name__}: {reason}); use an "
+            "earlier checkpoint or save it again"
+        ) from None
     if not isinstance(ckpt, dict):
-        raise TypeError(f"checkpoint '{path}' holds a {type(ckpt).__name__}, expected a dict")
+        raise CheckpointMismatchError(
+            f"checkpoint '{path}' holds a {type(ckpt).__name__}, not a checkpoint dict (a "
+            "Lightning checkpoint, or {'state_dict': ...})"
+        )
     return ckpt
 
 
-def _unsafe_message(path: Path, err: Exception) -> str:
+def _unsafe_globals(path: Path) -> list[str]:
+    """The globals a torch zip checkpoint's pickle needs beyond the allow-list ([] when none or
+    when the file is not a readable zip checkpoint)."""
     try:
         with torch.serialization.safe_globals(_safe_globals()):
-            names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # legacy (non-zip) format: fall back to torch's own message
-        names = []
+            return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # legacy (non-zip) format or not a checkpoint
+        return []
+
+
+def _unsafe_message(path: Path, err: Exception, names: list[str]) -> str:
     found = ", ".join(names) if names else f"see torch's message: {err}"
     return (
         f"refusing to load checkpoint '{path}': its pickle needs globals that are not on the "

@@ -1,6 +1,8 @@
 """Helpers shared by the task functions: the crash-safe wrapper, extras and metric lookup."""
 
 import functools
+import signal
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +13,7 @@ import rich.tree
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
+from semani.utils.errors import USER_ERRORS
 from semani.utils.pylogger import get_pylogger
 
 log = get_pylogger(__name__)
@@ -23,6 +26,9 @@ def task_wrapper(task: Callable[[DictConfig], tuple[dict, dict]]) -> Callable:
     def wrapped(cfg: DictConfig) -> tuple[dict, dict]:
         try:
             return task(cfg)
+        except USER_ERRORS:  # the entry point prints it as one line
+            log.debug("Task %s failed", task.__name__, exc_info=True)
+            raise
         except Exception:
             log.exception("Task %s failed; outputs are in %s", task.__name__, _output_dir(cfg))
             raise
@@ -115,3 +121,15 @@ def get_metric_value(metric_dict: dict[str, Any], metric_name: str | None) -> fl
     value = float(metric_dict[metric_name])
     log.info("Retrieved metric value %s=%s", metric_name, value)
     return value
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (what SLURM, docker and `kill` send) into `SystemExit(143)` in the main
+    thread, so that `finally` blocks run and no temporary file is left, as after Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-__all__ = ["MissingWeight", "check_weights", "is_local_path", "missing_weights"]
+__all__ = ["MissingWeight", "check_required", "check_weights", "is_local_path", "missing_weights"]
 
 
 @dataclass(frozen=True)
@@ -75,3 +75,15 @@ def check_weights(cfg: Any, skip: Iterable[str] = ()) -> None:
     missing = missing_weights(cfg, skip)
     if missing:
         raise FileNotFoundError(missing[0].message())
+
+
+def check_required(cfg: Any, skip: Iterable[str] = ()) -> None:
+    """Before anything is built: a required key (`???`, outside `hydra`) that was not given is
+    a `ValueError` naming it, then `check_weights`."""
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
+    makers = cfg.get("weights") or {}
+    if missing:
+        maker = makers.get(missing[0])
+        how = f" (made by: {' '.join(str(maker).split())})" if maker else ""
+        raise ValueError(f"missing required {', '.join(missing)}: pass {missing[0]}=...{how}")
+    check_weights(cfg, skip)
