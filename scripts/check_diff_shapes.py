@@ -15,7 +15,11 @@ when the requested colour is the most frequent one there. Reported:
   background);
 - ``old_colour_kept``: fraction where the old colour is still the most frequent;
 - ``requested_fraction``: mean fraction of mask pixels nearest to the requested colour;
-- ``outside_changed``: number of pixels outside the mask that differ from the input (must be 0);
+- ``outside_changed``: number of pixels outside the mask that differ from the input in the edit
+  (the pixel composite: must be 0);
+- ``outside_l2``: the mean squared error ([0, 1] scale) outside the mask of the model's own
+  decoded image, before the composite: how much of the background the model itself keeps
+  (what differs between the guidance forms, ``--guidance-form paper|diffusers``);
 - ``vae_ceiling``: fraction of the same entities whose own colour still dominates their mask
   after a round trip through the model's VAE alone (encode, posterior mean; decode): what a
   perfect denoiser could show through this VAE (small entities blur into the background);
@@ -36,6 +40,7 @@ from semani.data.shapes import ShapesWorldDataset
 from semani.data.shapes_generator import COLORS, with_article
 from semani.data.transforms import to_uint8
 from semani.manipulation.diff_editor import DiffEditor
+from semani.manipulation.pixels import as_source, composite, feather_weights
 from semani.modules.diffusion_parts import decode_latents
 
 log = logging.getLogger("check_diff_shapes")
@@ -64,10 +69,11 @@ def dominant(pixels: np.ndarray) -> str:
     return NAMES[int(np.bincount(nearest_colour(pixels), minlength=len(NAMES)).argmax())]
 
 
-def load_editor(model: str, steps: int, guidance: float) -> DiffEditor:
+def load_editor(model: str, steps: int, guidance: float, form: str = "paper") -> DiffEditor:
     path = Path(model)
+    kw = {"steps": steps, "guidance_scale": guidance, "guidance_form": form, "composite": False}
     if not path.is_file():
-        return DiffEditor.from_pretrained(str(path), steps=steps, guidance_scale=guidance)
+        return DiffEditor.from_pretrained(str(path), **kw)
     import tempfile  # a SemaniDiffModule checkpoint: export its weights to a folder first
 
     import semani
@@ -75,7 +81,7 @@ def load_editor(model: str, steps: int, guidance: float) -> DiffEditor:
     module = semani.load_model(path)
     with tempfile.TemporaryDirectory(prefix="semani_diff_") as tmp:
         module.save_pretrained(Path(tmp) / "diffusers")
-        return DiffEditor.from_pretrained(f"{tmp}/diffusers", steps=steps, guidance_scale=guidance)
+        return DiffEditor.from_pretrained(f"{tmp}/diffusers", **kw)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -87,16 +93,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--feather", type=int, default=0, help="seam width (0: hard mask)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-form", default="paper", choices=["paper", "diffusers"])
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    editor = load_editor(args.model, args.steps, args.guidance)
+    editor = load_editor(args.model, args.steps, args.guidance, args.guidance_form)
     ds = ShapesWorldDataset(args.data, split="test", image_size=64, context_length=77)
     rng = np.random.default_rng(args.seed)
     n = min(args.n, len(ds))
     success = kept = outside = ceiling = 0
     by_size: dict[str, list[bool]] = {}
-    fractions = []
+    fractions, outside_l2 = [], []
     for i in range(n):
         sample = ds[i]
         meta = json.loads((ds.root / "entities" / f"{ds.keys[i]}.json").read_text())
@@ -106,14 +113,16 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         new = str(rng.choice([c for c in NAMES if c != entity["color"]]))
         image = to_uint8(sample["image"])  # (3, H, W)
-        edited = editor.edit(
-            image.permute(1, 2, 0).numpy(), mask.numpy(), with_article(f"{new} {entity['name']}"),
-            seed=args.seed + i, feather=args.feather,
-        )  # fmt: skip
-        out = edited[0]  # (H, W, 3) uint8
-        src = image.permute(1, 2, 0).numpy()
+        src = image.permute(1, 2, 0).numpy()  # (H, W, 3) uint8
         m = mask.numpy()
+        raw = editor.edit(src, m, with_article(f"{new} {entity['name']}"), seed=args.seed + i)
+        raw = raw[0]  # (H, W, 3) uint8: the model's own image, no composite
+        outside_l2.append(float((((raw[~m] - src[~m].astype(np.float32)) / 255) ** 2).mean()))
+        weights = feather_weights(m, args.feather)
+        out = composite(as_source(src), torch.from_numpy(raw).permute(2, 0, 1)[None] / 255,
+                        weights)[0]  # fmt: skip
         outside += int((out[~m] != src[~m]).any(-1).sum())
+        out = out if args.feather else raw  # inside the mask they are equal without a seam
         counts = np.bincount(nearest_colour(out[m]), minlength=len(NAMES))
         top = NAMES[int(counts.argmax())]
         success += top == new
@@ -127,11 +136,13 @@ def main(argv: list[str] | None = None) -> dict:
         "n": done,
         "steps": args.steps,
         "guidance": args.guidance,
+        "guidance_form": args.guidance_form,
         "colour_success": success / max(done, 1),
         "old_colour_kept": kept / max(done, 1),
         "requested_fraction": float(np.mean(fractions)) if fractions else 0.0,
         "chance": 1 / len(NAMES),
         "outside_changed": outside,
+        "outside_l2": float(np.mean(outside_l2)) if outside_l2 else 0.0,
         "vae_ceiling": ceiling / max(done, 1),
         "success_by_size": {k: float(np.mean(v)) for k, v in sorted(by_size.items())},
     }

@@ -18,8 +18,10 @@ One call, three steps:
    `EntityNotFoundError` (which carries every proposal and its similarity), and an edit cannot
    hide a later entity.
 3. **Edit** the entities one after another, in the order of the text, each starting from the
-   previous result and with the same `seed`; every pixel outside the union of the masks is the
-   input's (the editors' exact composite; Blended LDM without its `composite` re-decodes it).
+   previous result and with the same `seed` (an editor with `edit_many`, SeMani-Trans, chains
+   every chosen proposal in turn on its own tokens, as the authors do); every pixel outside
+   the union of the masks is the input's (the editors' exact composite; Blended LDM without its
+   `composite` re-decodes it).
 
 The image is converted once: the aligner reads a (3, H, W) tensor in [-1, 1], the editor an RGB
 PIL image, and the result is an RGB PIL image of the input's size (`EditResult`). `manipulate.py`
@@ -132,6 +134,18 @@ class EditResult:
     def overlay(self) -> Image.Image:
         """The input with the union mask tinted red."""
         return overlay(self.input, self.mask)
+
+
+def _chain(steps: Sequence[EditStep]) -> list[tuple[np.ndarray, str]]:
+    """(mask, text) per chosen proposal of every step, in order (a given mask: itself)."""
+    out = []
+    for step in steps:
+        res = step.alignment
+        if res is None or len(res.chosen) < 2:
+            out.append((step.mask, step.text))
+        else:
+            out += [(res.proposals.masks[i].cpu().numpy(), step.text) for i in res.chosen]
+    return out
 
 
 def _as_inputs(image: Any) -> tuple[Image.Image, Tensor]:
@@ -263,9 +277,15 @@ class EntityEditPipeline:
             steps = self.align(tensor, plan, sample, proposals)
             proposals = steps[0].alignment.proposals
         options = {k: v for k, v in sampler.items() if v is not None}
-        running = rgb
         for i, step in enumerate(steps):
             log.info("edit %d/%d: %s -> %r (%.1f%% of the image)", i + 1, len(steps),
                      step.word or "mask", step.text, 100 * step.mask.mean())  # fmt: skip
-            running = self.editor.edit(running, step.mask, step.text, seed=seed, **options)[0]
+        chain = _chain(steps)  # each chosen proposal in turn, as the authors edit them
+        if len(chain) > 1 and hasattr(self.editor, "edit_many"):  # the chain on its own tokens
+            masks, texts = zip(*chain)
+            running = self.editor.edit_many(rgb, list(masks), list(texts), seed=seed, **options)[0]
+        else:
+            running = rgb
+            for step in steps:
+                running = self.editor.edit(running, step.mask, step.text, seed=seed, **options)[0]
         return EditResult(running.convert("RGB"), rgb, steps, proposals)

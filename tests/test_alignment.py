@@ -491,3 +491,22 @@ def test_alignment_configs_instantiate():
         cls, selection, threshold = expected[name]
         assert isinstance(aligner.scorer, cls)
         assert (aligner.selection, aligner.threshold) == (selection, threshold)
+
+
+def test_masked_crops_of_the_whole_image() -> None:
+    """region="image" (the paper's masked image): the input's whole extent, every non-entity
+    pixel the fill colour; "box": OVSeg's crop of the entity's bounding box."""
+    from semani.utils.masks import masked_crops
+
+    image = torch.linspace(-1, 1, 3 * 8 * 12).reshape(3, 8, 12)
+    masks = torch.zeros(2, 8, 12, dtype=torch.bool)
+    masks[0, 2:4, 3:9] = True
+    fill = torch.tensor([0.1, 0.2, 0.3])
+    crops, crop_masks, valid = masked_crops(image, masks, (8, 12), fill, full=True)
+    assert valid.tolist() == [True, False]
+    assert torch.equal(crop_masks[0], masks[0].float())  # the same extent: nothing cropped
+    inside = masks[0].expand(3, -1, -1)
+    torch.testing.assert_close(crops[0][inside], image[inside], atol=1e-5, rtol=0)
+    torch.testing.assert_close(crops[0][:, 0, 0], fill)
+    box, box_masks, _ = masked_crops(image, masks, (8, 12), fill)
+    assert box_masks[0].all()  # the box is all entity

@@ -50,7 +50,9 @@ def test_generate_matches_diffusers_pipeline(
 ) -> None:
     import diffusers
 
-    editor = DiffEditor.from_pretrained(inpaint_folder, scheduler=scheduler)
+    editor = DiffEditor.from_pretrained(
+        inpaint_folder, scheduler=scheduler, guidance_form="diffusers"
+    )
     pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     image, mask = image_and_mask(48, 80)  # non-square, on the VAE grid
     ref = pipe(
@@ -70,6 +72,42 @@ def test_generate_matches_diffusers_pipeline(
     )
     assert ours.shape == (num_images, 3, 48, 80)
     np.testing.assert_allclose(ours.permute(0, 2, 3, 1).numpy(), ref, atol=1e-4, rtol=0)
+
+
+def test_the_papers_guidance_feeds_the_empty_mask_condition(inpaint_folder: Path) -> None:
+    """Eq. 15: the unconditional half of the guided batch has the empty text, the all-ones
+    mask and the latent of the all-gray image; the conditional half the real ones. With
+    guidance_form="diffusers" both halves carry the real mask."""
+    from semani.manipulation.pixels import prepare_inputs
+
+    image, mask = image_and_mask(16, 24)
+    seen = {}
+    for form in ("paper", "diffusers"):
+        editor = DiffEditor.from_pretrained(inpaint_folder, guidance_form=form)
+        inputs: list[torch.Tensor] = []
+        hook = editor.unet.register_forward_hook(
+            lambda m, args, out, seen=inputs: seen.append(args[0])
+        )
+        try:
+            editor.generate(image, mask, TEXT, seed=0, steps=2, guidance_scale=3.0)
+        finally:
+            hook.remove()
+        c = editor.vae.config.latent_channels
+        x = inputs[0]  # (2, 2C + 1, h, w): [unconditional; conditional]
+        seen[form] = x
+        _, _, pixels, grid_mask = prepare_inputs(image, mask, editor.factor)
+        real = torch.nn.functional.interpolate(grid_mask, size=x.shape[-2:])  # nearest
+        assert torch.equal(x[1, c : c + 1], real[0])  # the conditional half: the real mask
+        if form == "paper":
+            assert torch.equal(x[0, c], torch.ones_like(x[0, c]))  # the empty mask
+            dist = editor.vae.encode(torch.zeros_like(pixels)).latent_dist  # the gray image
+            scale = editor.vae.config.scaling_factor
+            off = (x[0, c + 1 :] - dist.mean[0] * scale).abs() / (dist.std[0] * scale)
+            assert off.max() < 5  # a posterior sample of the gray image's latent
+            assert not torch.allclose(x[0, c + 1 :], x[1, c + 1 :])
+        else:
+            assert torch.equal(x[0, c:], x[1, c:])  # the same mask and image in both halves
+    assert torch.equal(seen["paper"][1], seen["diffusers"][1])  # the same conditional input
 
 
 def test_uses_no_unconditional_batch_without_guidance(editor: DiffEditor) -> None:
@@ -169,7 +207,9 @@ def test_blended_keeps_the_noised_source_outside_the_mask(
     text2image_folder: Path, guidance: float
 ) -> None:
 
-    editor = BlendedLatentEditor.from_pretrained(text2image_folder, steps=8, skip=0.25)
+    editor = BlendedLatentEditor.from_pretrained(
+        text2image_folder, steps=8, skip=0.25, variant="sd_script"
+    )
     image, mask = image_and_mask(48, 64)
     record: list[tuple] = []
     editor.edit(
@@ -206,7 +246,7 @@ def test_blended_on_an_inpainting_unet_feeds_the_empty_mask_condition(
     inpaint_folder: Path, guidance: float
 ) -> None:
     editor = BlendedLatentEditor.from_pretrained(
-        inpaint_folder, steps=4, skip=0.25, unmasked_inpainting=True
+        inpaint_folder, steps=4, skip=0.25, unmasked_inpainting=True, variant="sd_script"
     )
     c = editor.vae.config.latent_channels
     seen: list[torch.Tensor] = []
@@ -230,6 +270,47 @@ def test_blended_on_an_inpainting_unet_feeds_the_empty_mask_condition(
     z = seen[0][0, c + 1 :] / editor.vae.config.scaling_factor
     assert bool(((z - gray.mean[0]).abs() <= 6 * gray.std[0]).all())
     assert_blended(record, inpaint_folder, steps=4)  # the blend as on a text-to-image UNet
+
+
+@pytest.mark.parametrize("guidance", [1.0, 7.5])
+def test_blended_as_its_papers_algorithm_1(text2image_folder: Path, guidance: float) -> None:
+    """variant="paper": start from the source (posterior mean) noised to the first timestep,
+    before every step replace the latents outside the mask by the source noised to that step's
+    t, skip no step; the UNet sees exactly those latents."""
+    from diffusers import DDIMScheduler
+
+    editor = BlendedLatentEditor.from_pretrained(text2image_folder, steps=6, variant="paper")
+    image, mask = image_and_mask(48, 64)
+    seen: list[torch.Tensor] = []
+    hook = editor.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    record: list[tuple] = []
+    try:
+        editor.edit(
+            image, mask, TEXT, seed=0, guidance_scale=guidance,
+            callback=lambda i, t, z, s: record.append((i, int(t), z.clone(), s)),
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    reference = DDIMScheduler.from_pretrained(text2image_folder, subfolder="scheduler")
+    reference.set_timesteps(6)
+    assert [t for _, t, _, _ in record] == reference.timesteps.tolist()  # no step skipped
+    alphas = reference.alphas_cumprod
+    src = record[0][3]["source_latents"]
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    mean = editor.vae.encode(pixels).latent_dist.mean * editor.vae.config.scaling_factor
+    torch.testing.assert_close(src, mean)  # the posterior mean, not a sample
+    first_noise = torch.randn(src.shape, generator=torch.Generator().manual_seed(0))
+    t0 = record[0][1]
+    start = alphas[t0].sqrt() * src + (1 - alphas[t0]).sqrt() * first_noise
+    m = record[0][3]["mask"]
+    inside = (m == 1).expand_as(src)
+    torch.testing.assert_close(seen[0][:1][inside], start[inside], atol=1e-5, rtol=0)
+    previous = start
+    for (_, t, z, s), x in zip(record, seen):
+        noised = alphas[t].sqrt() * src + (1 - alphas[t]).sqrt() * s["noise"]
+        blended = m * previous + (1 - m) * noised  # before the step
+        torch.testing.assert_close(x[:1], blended, atol=1e-5, rtol=0)
+        previous = z
 
 
 def test_blended_mask_dilation_and_composite(text2image_folder: Path) -> None:
@@ -298,3 +379,34 @@ def test_check_diff_shapes_reports_colours_and_keeps_outside_pixels(
     assert 0.0 <= result["colour_success"] <= 1.0 and result["chance"] == 1 / len(COLORS)
     assert 0.0 <= result["vae_ceiling"] <= 1.0
     assert set(result["success_by_size"]) <= {"small", "medium", "large"}
+
+
+def test_an_sd2_layout_folder(tmp_path: Path, tok_dir: Path) -> None:
+    """SD-2-inpainting's layout (the paper's base model) at toy widths: per-level heads, linear
+    projections, a GELU text tower, a tokenizer that pads with "!"; read from its folder as
+    diffusers does, and equal to diffusers' own pipeline."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    parts = tiny_inpaint_components(
+        seed=1, block_out_channels=(32, 64), attention_head_dim=(2, 4),
+        use_linear_projection=True, text_act="gelu", pad_token="!", tokenizer_folder=tok_dir,
+    )  # fmt: skip
+    pipe = StableDiffusionInpaintPipeline(
+        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.save_pretrained(tmp_path / "sd2")
+    editor = DiffEditor.from_pretrained(tmp_path / "sd2", guidance_form="diffusers")
+    assert editor.tokenizer.pad_token == "!" and editor.tokenizer.pad_token_id == 0
+    assert editor.unet.config.use_linear_projection
+    assert editor.text_encoder.config.hidden_act == "gelu"
+    ids = editor.tokenizer("a bird", padding="max_length", max_length=77).input_ids
+    assert ids[3] == 49407 and ids[4:] == [0] * 73  # SOT, a, bird, EOT, then "!" (id 0)
+    image, mask = image_and_mask(32, 48)
+    white = Image.fromarray(mask.astype(np.uint8) * 255)
+    ref = pipe(
+        TEXT, image=Image.fromarray(image), mask_image=white, height=32, width=48,
+        num_inference_steps=3, guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(2), output_type="np",
+    ).images  # fmt: skip
+    ours = editor.generate(image, mask, TEXT, seed=2, steps=3, guidance_scale=5.0)
+    np.testing.assert_allclose(ours.permute(0, 2, 3, 1).numpy(), ref, atol=1e-4, rtol=0)

@@ -80,3 +80,13 @@ def test_the_script_prints_the_table(
     runpy.run_path(str(script), run_name="__main__")  # in-process: a new one imports for ~10 s
     out = capsys.readouterr().out
     assert "| Blended LDM | ours |" in out and "| Blended LDM | paper |" in out
+
+
+def test_rows_on_different_image_sets_are_refused(tmp_path: Path) -> None:
+    a = _run(tmp_path / "a", "SeMani-Diff", "CUB", image_set="abc123", n=100)
+    b = _run(tmp_path / "b", "Blended LDM", "CUB", image_set="def456", n=97, skipped=3)
+    with pytest.raises(SystemExit, match="scored on different images"):
+        main([str(a), str(b)])
+    c = _run(tmp_path / "c", "Blended LDM", "CUB", image_set="abc123", not_found=3)
+    md = main([str(a), str(c)])  # the same images: side by side
+    assert "SeMani-Diff | ours" in md and "Blended LDM | ours" in md

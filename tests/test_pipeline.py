@@ -219,3 +219,37 @@ def test_the_ground_truth_segmenter_reads_the_sample(shapes_root: Path) -> None:
     sample = ShapesWorldDataset(shapes_root, "test", image_size=64, context_length=40)[0]
     props = GroundTruthSegmenter().segment(sample["image"], sample)
     assert props.names == list(sample["entity_names"])
+
+
+def test_semani_trans_chains_several_entities_on_its_tokens(photo) -> None:
+    """Two entities, as the authors edit them: the second is re-sampled on the first edit's
+    tokens (not on a re-encoding of its decoded image), one decode, one paste."""
+    from semani.manipulation.pixels import composite, feather_weights, prepare_inputs
+    from semani.manipulation.trans import TransEditor
+    from semani.utils.masks import mask_to_token_mask
+    from tests.test_semani_trans_module import make_module
+
+    editor = TransEditor(make_module(clip=None, lambda_sem=0.0).eval(), filter_thres=0.5)
+    a, b = np.zeros((H, W), bool), np.zeros((H, W), bool)
+    a[5:25, 5:30], b[20:40, 35:65] = True, True
+    got = editor.edit_many(photo, [a, b], ["a red circle", "a blue square"], seed=4)[0]
+
+    src, _, pixels, _ = prepare_inputs(photo, a, factor=1)
+    x = torch.nn.functional.interpolate(
+        pixels, size=editor.image_size, mode="bilinear", antialias=True
+    ).clamp(-1, 1)[0]
+    tokens = None
+    for m, text in ((a, "a red circle"), (b, "a blue square")):
+        tm = mask_to_token_mask(torch.from_numpy(m).float(), editor.token_grid, min_tokens=1)
+        _, tokens = editor.tokens.edit_tokens(x, tm, text, True, 4, tokens=tokens)
+    out = ((editor.tokens.vqgan.decode_tokens(tokens)[0] + 1) / 2).clamp(0, 1)[None]
+    out = torch.nn.functional.interpolate(out, size=(H, W), mode="bilinear", antialias=True)
+    want = composite(src, out.clamp(0, 1), feather_weights(torch.from_numpy(a | b), 4))[0]
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    outside = ~(a | b)
+    assert np.array_equal(np.asarray(got)[outside], np.asarray(photo)[outside])
+
+    calls = []
+    editor.edit_many = lambda *args, **kw: calls.append(args) or [photo]
+    EntityEditPipeline(None, editor)(photo, "x", mask=a)  # one edit: edit()
+    assert not calls

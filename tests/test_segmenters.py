@@ -338,8 +338,44 @@ def test_entityseg_without_detectron2_says_how_to_install(tmp_path: Path) -> Non
     with pytest.raises(ImportError) as err:
         build_segmenter(cfg)
     msg = str(err.value)
-    assert "detectron2" in msg and "CropFormer" in msg and "make.sh" in msg
+    assert "detectron2" in msg and "Entity/EntitySeg" in msg and "entity_swin_lw7_3x" in msg
     assert str(tmp_path / "entityseg") in msg  # where the weights go
+
+
+def test_entityseg_v1_keeps_proposals_as_the_authors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Version 1 calls the model on the image itself (BGR uint8, CHW, its own size), keeps
+    every proposal at or above the confidence (0.0), the best one always, at most 5."""
+    from types import SimpleNamespace
+
+    from semani.alignment.segmenters import entityseg
+
+    scores = torch.tensor([0.9, -0.1, 0.3, 0.05, 0.2, 0.1, 0.01])
+    masks = torch.zeros(7, 8, 12, dtype=torch.bool)
+    for k in range(7):
+        masks[k, k : k + 2, :] = True
+    calls = []
+
+    def model(inputs):
+        calls.append(inputs)
+        inst = SimpleNamespace(pred_masks=masks, scores=scores)
+        inst.to = lambda device: inst
+        return [{"instances": inst}]
+
+    monkeypatch.setattr(entityseg, "_build_model", lambda *a: model)
+    seg = entityseg.EntitySegSegmenter(repo_dir=None, weights="w.pth")
+    image = torch.zeros(3, 8, 12)
+    image[0] = 1.0  # red
+    props = seg.segment(image)
+    (inputs,) = calls
+    assert inputs[0]["height"] == 8 and inputs[0]["width"] == 12
+    assert inputs[0]["image"].dtype == torch.uint8 and inputs[0]["image"][2].eq(255).all()  # BGR
+    assert props.scores.tolist() == pytest.approx([0.9, 0.3, 0.2, 0.1, 0.05])  # -0.1 dropped
+    negative = torch.tensor([-0.5, -0.2])  # nothing reaches 0.0: the best is kept anyway
+    monkeypatch.setattr(entityseg, "_build_model", lambda *a: lambda inputs: [{"instances":
+        SimpleNamespace(pred_masks=masks[:2], scores=negative, to=lambda d: SimpleNamespace(
+            pred_masks=masks[:2], scores=negative))}])  # fmt: skip
+    seg = entityseg.EntitySegSegmenter(repo_dir=None, weights="w.pth")
+    assert seg.segment(image).scores.tolist() == pytest.approx([-0.2])
 
 
 def test_ground_truth_shapes(shapes_root: Path) -> None:

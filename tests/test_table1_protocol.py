@@ -139,11 +139,48 @@ def test_coco_words_come_from_the_caption() -> None:
         ("man", "person"), ("horse", "horse"), ("fire hydrant", "fire hydrant")]  # fmt: skip
     assert caption_entity_words("an orange sofa in a room") == [("sofa", "couch")]
     rng = np.random.default_rng(0)
-    words = {pick_word("caption", rng, captions=["a dog and a cat", "a cat"]) for _ in range(20)}
-    assert words == {"dog", "cat"}
-    assert pick_word("caption", rng, captions=["a sunset over the sea"]) is None
+    picks = {pick_word("caption", rng, captions=["a dog and a cat", "a cat"]) for _ in range(20)}
+    assert picks == {("dog", "vocabulary"), ("cat", "vocabulary")}
+    assert pick_word("caption", rng, captions=["a sunset over the sea"]) == (None, "none")
     with pytest.raises(ValueError, match="table1.word"):
         pick_word("fixed", rng)
+
+
+def test_caption_nouns_from_a_tagger_include_stuff_nouns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a part-of-speech tagger (spaCy's, faked here by its interface) every noun of the
+    captions is a candidate, "field" included; the vocabulary rule is the fallback."""
+    import sys
+    import types
+
+    from semani.evaluation.words import NounTagger, caption_words, load_tagger
+
+    class Tok:
+        def __init__(self, text: str, pos: str) -> None:
+            self.text, self.pos_ = text, pos
+            self.lemma_ = {"dogs": "dog"}.get(text, text)
+
+    tags = {"two": "NUM", "dogs": "NOUN", "run": "VERB", "on": "ADP", "the": "DET",
+            "grassy": "ADJ", "field": "NOUN", "a": "DET", "tennis": "NOUN",
+            "racket": "NOUN", "sunset": "NOUN", "over": "ADP", "sea": "NOUN"}  # fmt: skip
+    fake = types.SimpleNamespace(
+        load=lambda name, disable=(): lambda text: [Tok(w, tags.get(w, "X")) for w in text.split()]
+    )  # fmt: skip
+    monkeypatch.setitem(sys.modules, "spacy", fake)
+    tagger = load_tagger("auto")
+    assert isinstance(tagger, NounTagger)
+    assert tagger("two dogs run on the grassy field") == ["dog", "field"]
+    assert tagger("a tennis racket") == ["tennis racket"]
+    words, rule = caption_words(
+        ["two dogs run on the grassy field", "a sunset over the sea"], tagger
+    )
+    assert (words, rule) == (["dog", "field", "sunset", "sea"], "spacy")
+    rng = np.random.default_rng(0)
+    got = {pick_word("caption", rng, captions=["the field"], tagger=tagger) for _ in range(3)}
+    assert got == {("field", "spacy")}
+    monkeypatch.setitem(sys.modules, "spacy", None)  # not installed: the vocabulary rule
+    assert load_tagger("auto") is None
+    with pytest.raises(ImportError, match="spacy download en_core_web_sm"):
+        load_tagger("spacy")
 
 
 # -- a run --------------------------------------------------------------------------------------
@@ -160,14 +197,16 @@ def test_run_writes_the_table_row_images_and_grid(reference: dict[str, Any]) -> 
     assert metrics["table1/is_mean"] >= 1.0 and 0 <= metrics["table1/r1"] <= 100
     assert 0 < metrics["table1/l2"] < 1  # the own-caption edit changed the mask only
     md = (out / "table1.md").read_text()
-    assert "| Method | Data set | IS | CLIP-score | R@1 | R@5 | R@10 | L2-error | n |" in md
+    head = "| Method | Data set | IS | CLIP-score | R@1 | R@5 | R@10 | L2-error | n | not found |"
+    assert head in md
     assert f"| SeMani-Diff | ShapesWorld | {metrics['table1/is_mean']:.2f} ± " in md
     tex = (out / "table1.tex").read_text()
     assert "\\begin{tabular}" in tex and "SeMani-Diff & ShapesWorld & $" in tex
     with (out / "plan.csv").open() as f:
         plan = list(csv.DictReader(f))
     assert len(plan) == N and set(plan[0]) == {"index", "key", "word", "target_text",
-                                                "own_caption", "seed"}  # fmt: skip
+                                                "own_caption", "seed", "word_rule"}  # fmt: skip
+    assert {c["word_rule"] for c in plan} == {"entity"}
     for case in plan:
         image = np.asarray(Image.open(out / "images" / f"{case['key']}.png"))
         mask = np.asarray(Image.open(out / "images" / "masks" / f"{case['key']}.png")) > 0
@@ -258,26 +297,38 @@ def test_predictions_score_a_folder_as_the_run_that_made_it(
     assert str(absent) in str(err.value) and "experiment=classifier_shapes" in str(err.value)
 
 
-def test_images_without_the_entity_are_skipped_or_stop_the_run(
+def test_images_without_the_entity_are_scored_unchanged_skipped_or_stop_the_run(
     tmp_path: Path, shapes_root: Path, classifier: Path, inpaint_folder: Path
 ) -> None:
     from semani.data.shapes import ShapesWorldDataset
+    from semani.evaluation.table1 import as_uint8
 
     word = ["table1.word_from=fixed", "table1.word=circle", "table1.l2=false"]
     cfg = _diff_cfg(tmp_path / "run", shapes_root, classifier, inpaint_folder, *word)
-    metrics = eval_main(cfg)
+    metrics = eval_main(cfg)  # table1.not_found=unchanged, the default
     ds = ShapesWorldDataset(shapes_root, "test", image_size=64, context_length=40)
     with (tmp_path / "run" / "plan.csv").open() as f:
         plan = list(csv.DictReader(f))
     circles = [p for p in plan if "circle" in ds[int(p["index"])]["entity_names"]]
     assert 0 < len(circles) < N  # the data: some images have a circle
     row = _row(tmp_path / "run")
-    assert (int(row["n"]), int(row["skipped"])) == (len(circles), N - len(circles))
-    assert metrics["table1/n"] == len(circles)
+    assert (int(row["n"]), int(row["not_found"]), int(row["skipped"])) == (
+        N, N - len(circles), 0)  # fmt: skip
+    assert metrics["table1/n"] == N and metrics["table1/not_found"] == N - len(circles)
+    for p in plan:  # a failed edit is scored as the unchanged input
+        if p not in circles:
+            out = np.asarray(Image.open(tmp_path / "run" / "images" / f"{p['key']}.png"))
+            assert np.array_equal(out, as_uint8(ds[int(p["index"])]["image"]))
     metas = [json.loads(p.read_text()) for p in (tmp_path / "run").rglob("meta/**/*.json")]
-    skipped = [m for m in metas if m["skipped"]]
-    assert len(skipped) == N - len(circles)
-    assert "no ground-truth entity has that name" in skipped[0]["skipped"]
+    missed = [m for m in metas if m.get("not_found")]
+    assert len(missed) == N - len(circles)
+    assert "no ground-truth entity has that name" in missed[0]["not_found"]
+
+    eval_main(_diff_cfg(tmp_path / "skip", shapes_root, classifier, inpaint_folder, *word,
+                        "table1.not_found=skip"))  # fmt: skip
+    skipped = _row(tmp_path / "skip")
+    assert (int(skipped["n"]), int(skipped["skipped"])) == (len(circles), N - len(circles))
+    assert skipped["image_set"] != row["image_set"]  # make_table.py refuses to compare them
     with pytest.raises(SystemExit, match="^error: no entity matches 'circle'"):
         eval_main(_diff_cfg(tmp_path / "raise", shapes_root, classifier, inpaint_folder, *word,
                             "table1.not_found=raise"))  # fmt: skip
@@ -376,3 +427,32 @@ def test_missing_weights_are_one_line_naming_the_file_and_its_maker(
     else:
         assert str(tmp_path / "pretrained") in msg
         assert "experiment=" in msg or "http" in msg or "github.com" in msg or "huggingface" in msg
+
+
+@pytest.mark.parametrize("composite", [True, False])
+def test_one_background_switch_for_every_method(
+    tmp_path: Path, shapes_root: Path, classifier: Path, inpaint_folder: Path, composite: bool
+) -> None:
+    """table1.composite pastes the input back outside the mask for Blended LDM too (false:
+    its VAE's reconstruction there), the same treatment as SeMani-Diff's."""
+    from semani.data.shapes import ShapesWorldDataset
+    from semani.evaluation.table1 import as_uint8
+
+    cfg = compose(
+        "eval",
+        ["protocol=table1", "method=blended_ldm_shapes", "data=shapes",
+         f"editor.source={inpaint_folder}", "editor.steps=2", "editor.guidance_scale=1.0",
+         "table1.mask=ground_truth", f"table1.composite={composite}", "table1.feather=0",
+         *_overrides(shapes_root, classifier, "table1.max_images=2", "table1.l2=false",
+                     "metrics.is_splits=1")],
+        tmp_path,
+    )  # fmt: skip
+    eval_main(cfg)
+    ds = ShapesWorldDataset(shapes_root, "test", image_size=64, context_length=40)
+    with (tmp_path / "plan.csv").open() as f:
+        plan = list(csv.DictReader(f))
+    for p in plan:
+        image = as_uint8(ds[int(p["index"])]["image"])
+        out = np.asarray(Image.open(tmp_path / "images" / f"{p['key']}.png"))
+        mask = np.asarray(Image.open(tmp_path / "images" / "masks" / f"{p['key']}.png")) > 127
+        assert np.array_equal(out[~mask], image[~mask]) == composite

@@ -139,7 +139,12 @@ def main() -> None:
     height, width = args.height or height, args.width or width
     parts = tiny_inpaint_components(seed=0, **shapes)
     editor = DiffEditor(
-        **parts, steps=args.steps, guidance_scale=args.guidance, device=device, dtype=dtype
+        **parts,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        device=device,
+        dtype=dtype,
+        guidance_form="diffusers",  # the pipeline's form, for the comparison
     )
     if args.channels_last:
         parts["unet"].to(memory_format=torch.channels_last)

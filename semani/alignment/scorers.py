@@ -87,7 +87,7 @@ class MaskPromptScorer(nn.Module):
     entity crop and the CLIP text embedding of the prompt; all K crops in one forward.
 
     Args:
-        model_name, pretrained, depth, ovseg_ckpt, square: see `MaskPromptCLIP`.
+        model_name, pretrained, depth, ovseg_ckpt, square, region: see `MaskPromptCLIP`.
         template: the prompt, with `{word}`.
         threshold: similarity further entities must reach under threshold selection (the paper
             uses argmax for SeMani-Diff, so None by default).
@@ -109,6 +109,7 @@ class MaskPromptScorer(nn.Module):
         selection: str = "argmax",
         model: MaskPromptCLIP | None = None,
         mask_prompt: str | None = None,
+        region: str = "box",
     ) -> None:
         super().__init__()
         self.model = (
@@ -121,6 +122,7 @@ class MaskPromptScorer(nn.Module):
                 ovseg_ckpt=ovseg_ckpt,
                 square=square,
                 mask_prompt=mask_prompt,
+                region=region,
             )
         )
         self.text = _TextCache(template)
@@ -154,10 +156,12 @@ class MaskedCropClipScorer(nn.Module):
         threshold: float | None = None,
         selection: str = "argmax",
         clip: ClipModel | None = None,
+        region: str = "box",
     ) -> None:
         super().__init__()
         clip = clip if clip is not None else ClipModel(model_name, pretrained)
-        self.model = MaskPromptCLIP(clip=clip, depth=0, square=square)  # depth 0: plain CLIP
+        # depth 0: the plain CLIP
+        self.model = MaskPromptCLIP(clip=clip, depth=0, square=square, region=region)
         self.text = _TextCache(template)
         self.threshold = threshold
         self.selection = selection

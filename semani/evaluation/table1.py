@@ -30,6 +30,7 @@ the same layout (`pipeline=None`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -59,6 +60,7 @@ __all__ = [
     "Settings",
     "edit_case",
     "find_mask",
+    "image_set",
     "make_grid",
     "plan_cases",
     "run_cases",
@@ -68,8 +70,8 @@ __all__ = [
 ]
 
 MASK_MODES = ("aligned", "ground_truth", "none")
-NOT_FOUND = ("skip", "whole_image", "raise")
-PLAN_COLUMNS = ("index", "key", "word", "target_text", "own_caption", "seed")
+NOT_FOUND = ("unchanged", "skip", "whole_image", "raise")
+PLAN_COLUMNS = ("index", "key", "word", "target_text", "own_caption", "seed", "word_rule")
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
@@ -83,6 +85,7 @@ class Case:
     target_text: str  # a caption of another test image
     own_caption: str  # one of the image's own captions (L2 error)
     seed: int  # the editor's seed
+    word_rule: str = ""  # what gave the word: fixed, entity, spacy, vocabulary (none: no word)
 
 
 @dataclass
@@ -91,7 +94,9 @@ class Settings:
 
     method: str  # the row's name
     mask: str = "aligned"  # MASK_MODES
-    not_found: str = "skip"  # NOT_FOUND: an image whose entity is not found
+    # NOT_FOUND: an image whose entity is not found is scored as the unchanged input (the same
+    # images in every method's row), left out, edited whole, or stops the run
+    not_found: str = "unchanged"
     l2: bool = True  # also edit with the own caption (L2)
     batch_size: int = 16  # images per metric update
     grid_rows: int = 8
@@ -106,9 +111,15 @@ class Settings:
 
 
 def plan_cases(
-    dataset: Any, indices: Sequence[int], word_from: str, word: str | None, seed: int
+    dataset: Any,
+    indices: Sequence[int],
+    word_from: str,
+    word: str | None,
+    seed: int,
+    tagger: Any = None,
 ) -> list[Case]:
-    """The case of each image of `indices` (see the module docstring, step 1)."""
+    """The case of each image of `indices` (see the module docstring, step 1); `tagger`: the
+    noun tagger of `word_from="caption"` (`semani.evaluation.words.load_tagger`)."""
     captions: list[list[str]] = dataset.captions
     n = len(captions)
     if n < 2:
@@ -121,9 +132,9 @@ def plan_cases(
         target = captions[other][int(rng.integers(len(captions[other])))]
         own = captions[i][int(rng.integers(len(captions[i])))]
         edit_seed = int(rng.integers(2**31 - 1))
-        w = pick_word(word_from, rng, word, captions[i],
-                      lambda i=i: dataset[int(i)]["entity_names"])  # fmt: skip
-        cases.append(Case(int(i), str(dataset.keys[i]), w, target, own, edit_seed))
+        w, rule = pick_word(word_from, rng, word, captions[i],
+                            lambda i=i: dataset[int(i)]["entity_names"], tagger)  # fmt: skip
+        cases.append(Case(int(i), str(dataset.keys[i]), w, target, own, edit_seed, rule))
     return cases
 
 
@@ -252,7 +263,8 @@ def find_mask(case: Case, sample: dict, mode: str, pipeline: Any) -> tuple:
 
 
 def edit_case(case: Case, sample: dict, files: RunFiles, pipeline: Any, settings: Settings) -> str:
-    """Make the missing files of one case (mask, edits, meta); returns "done" or "skipped"."""
+    """Make the missing files of one case (mask, edits, meta); returns "done", "not_found"
+    (scored as the unchanged input) or "skipped"."""
     meta_path = files.meta(case.key)
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
@@ -262,7 +274,9 @@ def edit_case(case: Case, sample: dict, files: RunFiles, pipeline: Any, settings
                 f"{meta_path} was made for {made}, not for this plan's case "
                 f"{asdict(case)}: resume with the same settings or use a new table1.out_dir"
             )
-        return "skipped" if meta.get("skipped") else "done"
+        if meta.get("skipped"):
+            return "skipped"
+        return "not_found" if meta.get("not_found") else "done"
     t0 = time.perf_counter()
     image = as_uint8(sample["image"])  # (H, W, 3)
     meta: dict[str, Any] = {**asdict(case), "method": settings.method, "skipped": None}
@@ -280,6 +294,12 @@ def edit_case(case: Case, sample: dict, files: RunFiles, pipeline: Any, settings
                 meta["skipped"] = one_line(err)
                 _write_json(meta_path, meta)
                 return "skipped"
+            if settings.not_found == "unchanged":  # the method failed: its output is the input
+                for path in (files.target(case.key), files.own(case.key))[: 1 + settings.l2]:
+                    _save_png(image, path)
+                meta.update(not_found=one_line(err), mask=None, alignment=None)
+                _write_json(meta_path, meta)
+                return "not_found"
             mask = np.ones(image.shape[:2], bool)
         _save_png(mask.astype(np.uint8) * 255, mask_path)
     jobs = [(files.target(case.key), case.target_text)]
@@ -320,10 +340,12 @@ def run_cases(
     metrics: Any,
     settings: Settings,
     device: torch.device,
-) -> dict[str, int]:
+) -> tuple[dict[str, int], list[str]]:
     """Steps 2-4 for `cases` (`pipeline=None`: predictions, only scored); returns the counts
-    {"done": n, "skipped": n}. The metrics are updated, not computed."""
-    counts = {"done": 0, "skipped": 0}
+    {"done": n, "not_found": n, "skipped": n} and the keys scored. The metrics are updated,
+    not computed."""
+    counts = {"done": 0, "not_found": 0, "skipped": 0}
+    scored: list[str] = []
     batch: list[tuple[Case, np.ndarray]] = []
     with torch.no_grad():
         for k, case in enumerate(cases):
@@ -332,12 +354,18 @@ def run_cases(
                 "done" if pipeline is None else edit_case(case, sample, files, pipeline, settings)
             )
             counts[status] += 1
-            if status == "done":
+            if status != "skipped":
                 batch.append((case, as_uint8(sample["image"])))
+                scored.append(case.key)
             if len(batch) == settings.batch_size or (k == len(cases) - 1 and batch):
                 score_cases(metrics, batch, files, settings.l2, device)
                 batch = []
-    return counts
+    return counts, scored
+
+
+def image_set(keys: Sequence[str]) -> str:
+    """A short hash of the scored image keys: rows with the same one compare."""
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------------------------

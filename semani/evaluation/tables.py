@@ -7,7 +7,7 @@ paper's Table I: one line per (method, source), source "paper"
 (`semani.evaluation.paper_table1`) or "ours", and per data set the paper's four columns IS
 (mean ± std), CLIP-score, R@10 and L2-error.
 
-    python scripts/make_table.py logs/table1/*/*/runs/*        # Markdown on stdout
+    python scripts/make_table.py logs/table1_*/runs/*        # Markdown on stdout
     python scripts/make_table.py RUN_A RUN_B --latex --out table1.tex
 """
 
@@ -36,9 +36,11 @@ __all__ = [
     "read_rows",
 ]
 
-# table1.csv: what the run is, how many images were scored, then the metrics (R@N in %)
+# table1.csv: what the run is, how many images were scored (n; of them not_found: scored as the
+# unchanged input; skipped: left out), which (image_set: a hash of the scored keys), the metrics
+# (R@N in %)
 TABLE1_COLUMNS = (
-    *("method", "dataset", "mask", "n", "skipped"),
+    *("method", "dataset", "mask", "n", "not_found", "skipped", "image_set"),
     *("is_mean", "is_std", "clip_score", "r1", "r5", "r10", "l2"),
 )
 # one run's table: (header, metric key); "is" is mean ± std
@@ -85,23 +87,25 @@ def _tex(text: Any) -> str:
 
 def markdown_row_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """One run's Table-I rows with every metric, as Markdown."""
-    head = ["Method", "Data set", *(h for h, _ in RUN_COLUMNS), "n"]
+    head = ["Method", "Data set", *(h for h, _ in RUN_COLUMNS), "n", "not found"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["method"], r["dataset"], *(format_value(r, k) for _, k in RUN_COLUMNS), r["n"]]
+        cells = [r["method"], r["dataset"], *(format_value(r, k) for _, k in RUN_COLUMNS),
+                 r["n"], r.get("not_found", "")]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def latex_row_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """One run's Table-I rows with every metric, as a LaTeX tabular (booktabs)."""
-    head = ["Method", "Data set", *(h for h, _ in RUN_COLUMNS), "$n$"]
+    head = ["Method", "Data set", *(h for h, _ in RUN_COLUMNS), "$n$", "not found"]
     lines = ["\\begin{tabular}{ll" + "r" * (len(head) - 2) + "}", "\\toprule",
              " & ".join(h if "$" in h else _tex(h) for h in head) + " \\\\",
              "\\midrule"]  # fmt: skip
     for r in rows:
         cells = [_tex(r["method"]), _tex(r["dataset"])]
-        cells += [format_value(r, k, latex=True) for _, k in RUN_COLUMNS] + [str(r["n"])]
+        cells += [format_value(r, k, latex=True) for _, k in RUN_COLUMNS]
+        cells += [str(r["n"]), str(r.get("not_found", ""))]
         lines.append(" & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(lines) + "\n"
@@ -139,9 +143,20 @@ def merge_rows(
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """(data sets, lines): one line per (method, source) with a `(dataset, key)` entry per value;
     the paper's methods and data sets first, in its order. Two runs of the same method on the
-    same data set are an error."""
+    same data set are an error, and so are runs of one data set scored on different image sets
+    (their `image_set` differs: different caps, seeds or skipped images), which would not
+    compare."""
     ours: dict[tuple[str, str], Mapping[str, Any]] = {}
+    image_sets: dict[str, Mapping[str, Any]] = {}
     for r in rows:
+        first = image_sets.setdefault(str(r["dataset"]), r)
+        if r.get("image_set") != first.get("image_set"):
+            raise ValueError(
+                f"{r['method']} and {first['method']} on {r['dataset']} were scored on different "
+                f"images (image_set {r.get('image_set') or 'unknown'} in {r.get('run')}, "
+                f"{first.get('image_set') or 'unknown'} in {first.get('run')}): rerun them with "
+                "the same table1.seed, max_images and not_found=unchanged"
+            )
         key = (str(r["method"]), str(r["dataset"]))
         if key in ours:
             raise ValueError(

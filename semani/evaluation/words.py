@@ -2,9 +2,15 @@
 
 - ``fixed``: the same word for every image ("bird" on CUB, "flower" on Oxford);
 - ``entity``: a seeded pick among the image's entity names (ShapesWorld: the shapes it holds);
-- ``caption``: COCO, "a noun from the image's own caption (so the entity exists)": a seeded pick
-  among the COCO entity words found in the image's captions (`caption_entity_words`), e.g.
-  "a man riding a horse on a beach" -> "man" (person) or "horse".
+- ``caption``: COCO, "a noun from the image's own caption (so the entity exists)" (paper §5; its
+  Fig. 7 edits "the field"): a seeded pick among the nouns of the image's captions. The nouns
+  come from a part-of-speech tagger when one is installed (`NounTagger`: spaCy's English
+  model, `pip install spacy && python -m spacy download en_core_web_sm`), stuff nouns ("field",
+  "sky", "grass") included; without one **(assumed)** from the COCO entity vocabulary
+  (`caption_entity_words`, e.g. "a man riding a horse on a beach" -> "man" (person) or
+  "horse"), which never draws a stuff noun and finds no word in some captions. Every case
+  records which rule gave its word (`word_rule`), and the run reports how many images each
+  rule covers.
 
 `COCO_WORDS` maps the singular words (and two-word names) a caption uses for an object to its
 COCO category (the 80 instance categories, plus common caption synonyms such as "man" ->
@@ -19,9 +25,18 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["COCO_WORDS", "WORD_SOURCES", "caption_entity_words", "pick_word"]
+__all__ = [
+    "COCO_WORDS",
+    "NOUN_TAGGERS",
+    "WORD_SOURCES",
+    "NounTagger",
+    "caption_entity_words",
+    "load_tagger",
+    "pick_word",
+]
 
 WORD_SOURCES = ("fixed", "entity", "caption")
+NOUN_TAGGERS = ("auto", "spacy", "vocabulary")
 
 _CATEGORIES = (
     "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant "
@@ -103,25 +118,82 @@ def caption_entity_words(caption: str) -> list[tuple[str, str]]:
     return out
 
 
+class NounTagger:
+    """The nouns of a caption, with spaCy's part-of-speech tagger: the singular (lemma) of each
+    NOUN token, in order, without repeats ("two dogs run on the grassy field" -> ["dog",
+    "field"]); consecutive nouns are one compound ("a tennis racket" -> "tennis racket")."""
+
+    name = "spacy"
+
+    def __init__(self, model: str = "en_core_web_sm") -> None:
+        import spacy
+
+        self.nlp = spacy.load(model, disable=["ner", "parser"])
+
+    def __call__(self, caption: str) -> list[str]:
+        out: list[str] = []
+        run: list[str] = []  # consecutive nouns: one compound ("tennis racket")
+        for tok in [*self.nlp(caption.lower()), None]:
+            if tok is not None and tok.pos_ == "NOUN":
+                run.append(tok.lemma_)
+                continue
+            if run and " ".join(run) not in out:
+                out.append(" ".join(run))
+            run = []
+        return out
+
+
+def load_tagger(kind: str = "auto") -> NounTagger | None:
+    """The noun tagger of `kind` ("auto": spaCy's when installed, else None, the vocabulary
+    rule; "spacy": spaCy's or an ImportError saying how to install it; "vocabulary": None)."""
+    if kind not in NOUN_TAGGERS:
+        raise ValueError(f"table1.noun_tagger must be one of {NOUN_TAGGERS}, got {kind!r}")
+    if kind == "vocabulary":
+        return None
+    try:
+        return NounTagger()
+    except (ImportError, OSError) as err:
+        if kind == "spacy":
+            raise ImportError(
+                f"table1.noun_tagger=spacy needs spaCy's English model ({err}): pip install "
+                "spacy && python -m spacy download en_core_web_sm"
+            ) from err
+        return None
+
+
+def caption_words(
+    captions: Sequence[str], tagger: Callable[[str], list[str]] | None = None
+) -> tuple[list[str], str]:
+    """(the distinct candidate words of an image's captions, the rule that gave them): the
+    tagger's nouns when it finds any, else the COCO entity vocabulary's words."""
+    if tagger is not None:
+        nouns = list(dict.fromkeys(w for c in captions for w in tagger(c)))
+        if nouns:
+            return nouns, getattr(tagger, "name", "tagger")
+    words = list(dict.fromkeys(w for c in captions for w, _ in caption_entity_words(c)))
+    return words, "vocabulary" if words else "none"
+
+
 def pick_word(
     source: str,
     rng: np.random.Generator,
     word: str | None = None,
     captions: Sequence[str] = (),
     entity_names: Callable[[], Sequence[str]] | None = None,
-) -> str | None:
-    """The prompt word of one image by `source` (see the module docstring), drawn with `rng`;
-    None when the image has no candidate (an image without entities or entity words)."""
+    tagger: Callable[[str], list[str]] | None = None,
+) -> tuple[str | None, str]:
+    """(the prompt word of one image by `source`, drawn with `rng`, the rule that gave it); the
+    word is None when the image has no candidate (an image without entities or nouns)."""
     if source == "fixed":
         if not word:
             raise ValueError("table1.word_from=fixed needs table1.word (e.g. bird)")
-        return str(word)
+        return str(word), "fixed"
     if source == "entity":
         if entity_names is None:
             raise ValueError("table1.word_from=entity needs a data set with entity_names")
-        names = list(dict.fromkeys(entity_names()))  # distinct, in the data set's order
+        names, rule = list(dict.fromkeys(entity_names())), "entity"  # the data set's order
     elif source == "caption":
-        names = list(dict.fromkeys(w for c in captions for w, _ in caption_entity_words(c)))
+        names, rule = caption_words(captions, tagger)
     else:
         raise ValueError(f"table1.word_from must be one of {WORD_SOURCES}, got {source!r}")
-    return str(names[int(rng.integers(len(names)))]) if names else None
+    return (str(names[int(rng.integers(len(names)))]) if names else None), rule

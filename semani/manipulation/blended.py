@@ -1,18 +1,25 @@
 """Blended Latent Diffusion (Avrahami et al., 2023): the paper's diffusion baseline.
 
-Inference only, on a plain 4-channel text-to-image latent-diffusion UNet. `edit`:
+Inference only, on a plain 4-channel text-to-image latent-diffusion UNet. Two variants of the
+loop (`variant`), both with classifier-free guidance as `DiffEditor` and the source latents the
+VAE posterior *mean* of the image (as the authors' scripts take it):
 
-1. image and mask to the model grid as `DiffEditor` does (multiples of the VAE factor); the
-   source latents are a VAE posterior sample; the mask is resized to the latent grid
-   (nearest), binarised at 0.5 and optionally dilated by `dilation` latent cells;
-2. start from pure noise (times `init_noise_sigma`, 1 for DDIM) and skip the first `skip`
-   fraction of the DDIM steps (0.25: 50 steps run the last 38), as the authors' code does
-   (sigma-scaled schedulers such as Euler would want the start sigma instead: use DDIM);
-   classifier-free guidance as `DiffEditor`;
-3. after every step, blend: `z = M * z + (1 - M) * add_noise(z_src, noise, t)` with fresh noise
-   and the step's own (current) timestep t, as the authors' code does;
-4. decode and resize back; the pixel-space composite of `DiffEditor` is optional (off by
-   default: the baseline as published keeps the VAE's reconstruction of the background).
+- **"paper"** (the default, assumed: the SeMani paper does not say which it ran): the Blended
+  LDM paper's Algorithm 1 and the authors' original LDM code. Start from the source noised to
+  the first timestep T, and *before* every step blend the latents outside the mask with the
+  source noised to that step's own t: `z = M * z + (1 - M) * add_noise(z_src, noise, t)`, then
+  denoise; no step is skipped.
+- **"sd_script"**: the authors' Stable Diffusion script: start from pure noise (times
+  `init_noise_sigma`, 1 for DDIM), skip the first `skip` fraction of the DDIM steps (0.25: 50
+  steps run the last 38; sigma-scaled schedulers such as Euler would want the start sigma
+  instead: use DDIM), and *after* every step blend with the source noised to the step's own
+  (current) timestep t.
+
+The image and mask go to the model grid as `DiffEditor` does (multiples of the VAE factor); the
+mask is resized to the latent grid (nearest), binarised at 0.5 and optionally dilated by
+`dilation` latent cells. At the end the latents are decoded and resized back; the pixel-space
+composite of `DiffEditor` is optional (off by default: the baseline as published keeps the
+VAE's reconstruction of the background).
 
 `unmasked_inpainting=True` runs it on a 9-channel inpainting UNet instead (a SeMani-Diff model)
 used as a text-to-image model: every UNet call gets the empty mask condition, an all-ones mask
@@ -43,17 +50,17 @@ from semani.manipulation.diff_editor import (
 )
 from semani.manipulation.pixels import composite as composite_images
 from semani.manipulation.pixels import feather_weights, prepare_inputs, resize_bilinear
-from semani.modules.diffusion_parts import (
-    encode_image,
-    latent_mask,
-)
+from semani.modules.diffusion_parts import latent_mask
 
 log = logging.getLogger(__name__)
 
 __all__ = ["BlendedLatentEditor"]
 
-# (step index, timestep, blended latents, {"source_latents", "noise", "mask"})
+# (step index, timestep, latents after the step, {"source_latents", "noise", "mask"}): for
+# "sd_script" the latents are blended with the noise of this step; for "paper" they are the
+# step's output, blended before it with this noise
 BlendCallback = Callable[[int, Tensor, Tensor, dict[str, Tensor]], None]
+VARIANTS = ("paper", "sd_script")
 
 
 class BlendedLatentEditor(LatentEditor):
@@ -63,7 +70,8 @@ class BlendedLatentEditor(LatentEditor):
         unet: 4-channel `UNet2DConditionModel` (9-channel with `unmasked_inpainting`).
         vae, text_encoder, tokenizer, scheduler: as `DiffEditor`.
         steps, guidance_scale, negative_text, eta: defaults of `edit`.
-        skip: the fraction of the first (noisiest) steps skipped (the authors' 0.25).
+        variant: "paper" (Algorithm 1) or "sd_script" (the authors' SD script), see above.
+        skip: "sd_script" only: the fraction of the first (noisiest) steps skipped (0.25).
         dilation: grow the latent mask by this many latent cells (0: none).
         composite: paste the result into the input in pixel space (see `DiffEditor`).
         feather: the composite's seam width in pixels (see `feather_weights`).
@@ -83,6 +91,7 @@ class BlendedLatentEditor(LatentEditor):
         scheduler,
         steps: int = 50,
         guidance_scale: float = 7.5,
+        variant: str = "paper",
         skip: float = 0.25,
         dilation: int = 0,
         composite: bool = False,
@@ -111,6 +120,9 @@ class BlendedLatentEditor(LatentEditor):
             )
         if not 0 <= skip < 1:
             raise ValueError(f"skip must be in [0, 1), got {skip}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        self.variant = variant
         self._set_parts(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, vae_tiling)
         self.steps, self.guidance_scale = steps, guidance_scale
         self.negative_text, self.eta = negative_text, eta
@@ -163,29 +175,38 @@ class BlendedLatentEditor(LatentEditor):
         ).to(device, dtype)  # (N or 2N, L, D)
         scheduler = fresh_scheduler(self.scheduler)
         scheduler.set_timesteps(steps, device=device)
-        start = int(steps * self.skip) * scheduler.order
+        paper = self.variant == "paper"
+        start = 0 if paper else int(steps * self.skip) * scheduler.order
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start)
-        source = encode_image(self.vae, pixels.to(device), generator).to(dtype)  # (1, C, h, w)
+        timesteps = scheduler.timesteps[start:]
+        posterior = self.vae.encode(pixels.to(device=device, dtype=self.vae.dtype)).latent_dist
+        source = (posterior.mean * self.vae.config.scaling_factor).to(dtype)  # (1, C, h, w)
         source = source.repeat(num_images, 1, 1, 1)  # (N, C, h, w)
         m = self.latent_mask(mask.to(device)).to(dtype)  # (1, 1, h, w)
         latents = randn_tensor(source.shape, generator=generator, device=device, dtype=dtype)
-        latents = latents * scheduler.init_noise_sigma  # (N, C, h, w)
+        if paper:  # the source noised to the first timestep (Algorithm 1's z_k)
+            latents = scheduler.add_noise(source, latents, timesteps[:1])
+        else:
+            latents = latents * scheduler.init_noise_sigma  # (N, C, h, w)
         extra = step_kwargs(scheduler, self.eta, generator)
         cond = None
         if self.unmasked_inpainting:
             cond = self.empty_condition(pixels, generator)  # (1, 1 + C, h, w)
             cond = cond.repeat(num_images * (1 + cfg), 1, 1, 1)
-        for i, t in enumerate(scheduler.timesteps[start:]):
+        for i, t in enumerate(timesteps):
+            if paper:  # blend before the step, at its own t
+                noise = randn_tensor(source.shape, generator=generator, device=device, dtype=dtype)
+                latents = m * latents + (1 - m) * scheduler.add_noise(source, noise, t.reshape(1))
             x = torch.cat([latents] * 2) if cfg else latents  # (N or 2N, C, h, w)
             x = scheduler.scale_model_input(x, t)
             if cond is not None:
                 x = torch.cat([x, cond], 1)  # (N or 2N, 2C + 1, h, w)
             eps = guided_noise(self.unet, x, t, embeds, scale, cfg)  # (N, C, h, w)
             latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
-            noise = randn_tensor(source.shape, generator=generator, device=device, dtype=dtype)
-            noised_source = scheduler.add_noise(source, noise, t.reshape(1))
-            latents = m * latents + (1 - m) * noised_source
+            if not paper:  # blend after the step, at the step's (current) t
+                noise = randn_tensor(source.shape, generator=generator, device=device, dtype=dtype)
+                latents = m * latents + (1 - m) * scheduler.add_noise(source, noise, t.reshape(1))
             if callback is not None:
                 callback(i, t, latents, {"source_latents": source, "noise": noise, "mask": m})
         return latents

@@ -9,10 +9,17 @@ Inference only (SPEC "SeMani-Diff", Eq. 12-15). `DiffEditor.edit(image, mask, te
    resized to the latent grid (nearest);
 3. an explicit DDIM loop (any diffusers scheduler works) on the 9-channel UNet input
    [z_t, M, E((1-M)x)] with classifier-free guidance (Eq. 15; no unconditional batch when the
-   guidance scale is <= 1); the noise and the VAE sample come from one `torch.Generator`, in
-   the order of diffusers' `StableDiffusionInpaintPipeline`, which `generate` reproduces;
+   guidance scale is <= 1); the noise and the VAE samples come from one `torch.Generator`, in
+   the order of diffusers' `StableDiffusionInpaintPipeline`, which `generate` reproduces with
+   `guidance_form="diffusers"`;
 4. decode, resize back to the input size, and composite in pixel space with `feather_weights`:
    every pixel outside the mask is the input, bit for bit.
+
+Guidance (`guidance_form`): "paper" (the default) is Eq. 15, ε(z_t, ∅) + s·(ε(z_t, c) − ε(z_t,
+∅)) with ∅ the empty text *and* the empty mask condition (the all-ones mask and the latent of
+the all-gray masked image, drawn from the generator after the masked image's), what training
+with `joint_dropout` teaches; "diffusers" empties the text only and keeps the real mask and
+masked image in the unconditional branch (diffusers' pipeline).
 
 `generate` returns the decoded images before step 4. The pixel side (input forms, model grid,
 composite) is `semani.manipulation.pixels`; `LatentEditor` and the loop's helpers are shared with
@@ -50,6 +57,7 @@ log = logging.getLogger(__name__)
 __all__ = ["DiffEditor", "LatentEditor"]
 
 StepCallback = Callable[[int, Tensor, Tensor], None]  # (step index, timestep, latents)
+GUIDANCE_FORMS = ("paper", "diffusers")
 
 
 def make_generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
@@ -73,12 +81,25 @@ def step_kwargs(scheduler, eta: float, generator: torch.Generator | None) -> dic
 def text_embeddings(
     text_encoder, tokenizer, text: str, negative_text: str, num_images: int, cfg: bool
 ) -> Tensor:
-    """(N, L, D) text states, or (2N, L, D) [unconditional; conditional] with guidance."""
+    """(N, L, D) text states, or (2N, L, D) [unconditional; conditional] with guidance. A text
+    longer than the tokenizer's length is cut there, with a warning naming what is dropped."""
+    warn_if_truncated(tokenizer, text)
     cond = encode_text(text_encoder, tokenizer, [text]).repeat(num_images, 1, 1)  # (N, L, D)
     if not cfg:
         return cond
     uncond = encode_text(text_encoder, tokenizer, [negative_text]).repeat(num_images, 1, 1)
     return torch.cat([uncond, cond])  # (2N, L, D)
+
+
+def warn_if_truncated(tokenizer, text: str) -> None:
+    """Warn when `text` has more tokens than the text encoder reads (SD's CLIP: 77 with
+    start and end), naming the words that are dropped."""
+    ids = tokenizer(text, truncation=False).input_ids
+    limit = int(tokenizer.model_max_length)
+    if len(ids) > limit:
+        dropped = tokenizer.decode(ids[limit - 1 : -1])
+        log.warning("the text has %d tokens, the text encoder reads %d: %r is dropped",
+                    len(ids), limit, dropped)  # fmt: skip
 
 
 def guided_noise(unet, x: Tensor, t: Tensor, embeds: Tensor, scale: float, cfg: bool) -> Tensor:
@@ -226,6 +247,10 @@ class DiffEditor(LatentEditor):
         device, dtype: move the models (e.g. "cuda", torch.float16 or "float16"); None
             leaves them.
         vae_tiling: decode / encode large images in tiles (`vae.enable_tiling()`).
+        guidance_form: "paper" (Eq. 15: the unconditional branch has the empty text and the
+            empty mask condition) or "diffusers" (the empty text, the real mask).
+        composite: paste the result into the input in pixel space (every pixel outside the mask
+            the input's); False returns the decoded image itself, resized back.
     """
 
     def __init__(
@@ -244,7 +269,13 @@ class DiffEditor(LatentEditor):
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         vae_tiling: bool = False,
+        guidance_form: str = "paper",
+        composite: bool = True,
     ) -> None:
+        if guidance_form not in GUIDANCE_FORMS:
+            raise ValueError(
+                f"guidance_form must be one of {GUIDANCE_FORMS}, got {guidance_form!r}"
+            )
         if unet.config.in_channels != vae.config.latent_channels * 2 + 1:
             raise ValueError(
                 f"DiffEditor needs an inpainting UNet with {vae.config.latent_channels * 2 + 1} "
@@ -254,6 +285,7 @@ class DiffEditor(LatentEditor):
         self._set_parts(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, vae_tiling)
         self.steps, self.guidance_scale, self.feather = steps, guidance_scale, feather
         self.negative_text, self.eta, self.side = negative_text, eta, side
+        self.guidance_form, self.composite = guidance_form, composite
 
     @torch.inference_mode()
     def generate_latents(
@@ -297,7 +329,14 @@ class DiffEditor(LatentEditor):
         latents = latents * scheduler.init_noise_sigma  # (N, C, h, w)
         # E((1 - M) x): drawn from the generator after the noise, as diffusers does
         cond = inpaint_condition(self.vae, pixels, mask, generator, dtype)  # (1, 1 + C, h, w)
-        cond = cond.repeat(num_images * (1 + cfg), 1, 1, 1)
+        cond = cond.repeat(num_images, 1, 1, 1)  # (N, 1 + C, h, w)
+        if cfg:
+            empty = cond  # diffusers: the unconditional branch keeps the mask and image
+            if self.guidance_form == "paper":  # Eq. 15's ∅: the empty mask condition too
+                everything = torch.ones_like(mask)  # (1, 1, h, w): re-paint every pixel
+                empty = inpaint_condition(self.vae, pixels, everything, generator, dtype)
+                empty = empty.repeat(num_images, 1, 1, 1)
+            cond = torch.cat([empty, cond])  # (2N, 1 + C, h, w): [unconditional; conditional]
         extra = step_kwargs(scheduler, self.eta, generator)
         for i, t in enumerate(scheduler.timesteps):
             x = torch.cat([latents] * 2) if cfg else latents  # (N or 2N, C, h, w)
@@ -365,7 +404,12 @@ class DiffEditor(LatentEditor):
             callback=callback,
         )
         edited = resize_bilinear(self.decode(latents), tuple(src.original.shape[-2:])).clamp(0, 1)
-        weights = feather_weights(pixel_mask[0, 0], self.feather if feather is None else feather)
+        if self.composite:
+            weights = feather_weights(
+                pixel_mask[0, 0], self.feather if feather is None else feather
+            )
+        else:
+            weights = torch.ones(edited.shape[-2:])
         return composite(src, edited, weights)
 
     __call__ = edit

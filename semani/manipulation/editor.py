@@ -13,7 +13,9 @@ Every editor of this package honours it:
 of the input's size and form (one by default). `token_grid` is the grid the editor re-generates
 on (None for pixel/latent editors): the alignment phase then makes proposals that cover fewer
 than `min_tokens` of its cells ineligible. Sampler settings (`steps`, `guidance_scale`) are extra
-keyword arguments of `edit` where an editor has them (`sampler_options`).
+keyword arguments of `edit` where an editor has them (`sampler_options`). An editor may also
+have `edit_many(image, masks, texts, seed=...)`, several entities in one chain (SeMani-Trans:
+on its running tokens); the pipeline uses it for multi-entity edits.
 """
 
 from __future__ import annotations

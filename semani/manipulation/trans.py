@@ -27,7 +27,14 @@ from torch import Tensor
 
 from semani.data.tokenizer import TextTokenizer
 from semani.data.transforms import to_grayscale
-from semani.manipulation.pixels import composite, feather_weights, prepare_inputs, resize_bilinear
+from semani.manipulation.pixels import (
+    as_mask,
+    as_source,
+    composite,
+    feather_weights,
+    prepare_inputs,
+    resize_bilinear,
+)
 from semani.manipulation.sampling import sample_image_tokens
 from semani.modules.gpt import SemaniGPT
 from semani.utils.checkpoint import CheckpointMismatchError
@@ -105,6 +112,12 @@ class TransTokenEditor:
             texts = texts * B
         if len(texts) != B:
             raise ValueError(f"got {len(texts)} texts for {B} images")
+        limit = self.tokenizer.context_length - 2  # SOT and EOT
+        for t in dict.fromkeys(texts):
+            ids = self.tokenizer.encode(t) if hasattr(self.tokenizer, "encode") else []
+            if len(ids) > limit:
+                log.warning("the text has %d tokens, the transformer reads %d: %r is dropped",
+                            len(ids), limit, self.tokenizer.decode(ids[limit:]))  # fmt: skip
         return image, mask_tokens.expand(B, -1, -1), texts
 
     @torch.inference_mode()
@@ -115,12 +128,20 @@ class TransTokenEditor:
         text: str | Sequence[str],
         gray_guidance: bool = False,
         seed: int | None = None,
+        tokens: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Like `edit` but returns (original tokens, edited tokens), both (B, h, w) long."""
+        """Like `edit` but returns (original tokens, edited tokens), both (B, h, w) long.
+
+        `tokens` (B, h, w): re-sample these instead of `image`'s own tokens (a chain of edits
+        on the running tokens, as the authors edit several entities); the grayscale guidance
+        still comes from `image`.
+        """
         image, mask_tokens, texts = self._inputs(image, mask_tokens, text)
         device = self.device
         image = image.to(device)
-        tokens = self.vqgan.encode_to_tokens(image).to(device)  # (B, h, w)
+        if tokens is None:
+            tokens = self.vqgan.encode_to_tokens(image)  # (B, h, w)
+        tokens = tokens.to(device)
         B, h, w = tokens.shape
         if h * w != self.gpt.config.image_len:
             raise ValueError(
@@ -199,6 +220,8 @@ class TransEditor:
         feather: seam width in pixels inside the mask, at the input size.
         min_tokens: refuse (`MaskTooSmallError`) masks covering fewer token cells.
         device: where the model runs (None: where it is).
+        composite: paste the result into the input (every pixel outside the mask the input's);
+            False returns the decoded image itself, resized back.
     """
 
     def __init__(
@@ -211,6 +234,7 @@ class TransEditor:
         feather: float = 4,
         min_tokens: int = 1,
         device: str | torch.device | None = None,
+        composite: bool = True,
     ) -> None:
         if device is not None:
             model = model.to(device)
@@ -241,6 +265,7 @@ class TransEditor:
             temperature=temperature,
         )
         self.gray_guidance, self.feather, self.min_tokens = gray_guidance, feather, min_tokens
+        self.composite = composite
 
     @classmethod
     def from_checkpoint(
@@ -272,8 +297,42 @@ class TransEditor:
             pixel_mask[0, 0], self.token_grid, min_tokens=self.min_tokens
         )  # (gh, gw) bool
         out = self.tokens.edit(x[0], token_mask, text, self.gray_guidance, seed)  # (3, h, w)
+        return self._paste(src, out, pixel_mask[0, 0])
+
+    def edit_many(
+        self, image: Any, masks: Sequence[Any], texts: Sequence[str], seed: int | None = None
+    ) -> list[Any]:
+        """Several entities of one image, as the authors edit them: each mask's tokens are
+        re-sampled after its text on the *running tokens* (the previous edits' tokens, not a
+        re-encoding of their decoded image), decoded once and pasted into the input inside the
+        union of the masks. Inputs and output as `edit`."""
+        if len(masks) != len(texts) or not masks:
+            raise ValueError(f"{len(masks)} masks for {len(texts)} texts")
+        src = as_source(image)
+        H, W = src.original.shape[-2:]
+        x = resize_bilinear(src.pixels, self.image_size).clamp(-1, 1)[0]  # (3, h, w)
+        union = torch.zeros(H, W)
+        tokens = None
+        for mask, text in zip(masks, texts):
+            pixel_mask = as_mask(mask, (H, W))[0, 0]  # (H, W) in [0, 1]
+            token_mask = mask_to_token_mask(
+                pixel_mask, self.token_grid, min_tokens=self.min_tokens
+            )
+            _, tokens = self.tokens.edit_tokens(
+                x, token_mask, text, self.gray_guidance, seed, tokens=tokens
+            )  # (1, gh, gw)
+            union = torch.maximum(union, pixel_mask)
+        with torch.inference_mode():
+            out = self.tokens.vqgan.decode_tokens(tokens)[0]  # (3, h, w)
+        return self._paste(src, out, union)
+
+    def _paste(self, src: Any, out: Tensor, pixel_mask: Tensor) -> list[Any]:
+        """The decoded (3, h, w) image in [-1, 1] resized to the input and composited."""
+        H, W = src.original.shape[-2:]
         out = ((out.float().cpu() + 1) / 2).clamp(0, 1)[None]  # (1, 3, h, w) in [0, 1]
         edited = resize_bilinear(out, (H, W)).clamp(0, 1)  # (1, 3, H, W)
-        return composite(src, edited, feather_weights(pixel_mask[0, 0], self.feather))
+        if not self.composite:
+            return composite(src, edited, torch.ones(H, W))
+        return composite(src, edited, feather_weights(pixel_mask, self.feather))
 
     __call__ = edit

@@ -6,11 +6,15 @@
   torch-fidelity's IS). torch-fidelity would download the file: here it is read from a path.
 - `StackGANInceptionV3` (CUB, Oxford): StackGAN's Inception-v3 fine-tuned per data set (50 bird
   / 20 flower classes plus a background logit at index 0, which the IS metric drops with
-  `drop_first_logit=True`), as a torchvision `Inception3` state dict. StackGAN released TF-slim
-  checkpoints (github.com/hanzhanggit/StackGAN-inception-model, `inception_finetuned_models/
-  {birds,flowers}_valid299/model.ckpt`): they must be converted to torchvision's parameter
-  names first (no conversion script here yet). Preprocessing as StackGAN's `inception_score.py`:
-  uint8 image, bilinear resize to 299 (scipy's `imresize`, back to uint8), then `x / 127.5 - 1`.
+  `drop_first_logit=True`), as a torchvision `Inception3` state dict. StackGAN released
+  checkpoints of the old TF "slim" Inception-v3 of tensorflow/models' `inception/`
+  (github.com/hanzhanggit/StackGAN-inception-model, `inception_finetuned_models/
+  {birds,flowers}_valid299/model.ckpt`): convert them with `scripts/convert_stackgan_inception.py`
+  (it reads the moving averages StackGAN's evaluation restores). The network is built as that TF
+  graph computes: batch norm without scale, epsilon 0.001, and the 3x3 average pools of the
+  mixed blocks ignore the zero padding (TF's SAME pooling; torchvision's stock blocks count it).
+  Preprocessing as StackGAN's `inception_score.py`: uint8 image, bilinear resize to 299 (scipy's
+  `imresize`, back to uint8), then `x / 127.5 - 1`.
 
 The ShapesWorld classifier is `semani.metrics.shapes_classifier.ShapesClassifier`. All are
 frozen: `eval()`, no gradients, and they stay in eval mode when a parent calls `.train()`.
@@ -27,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.models import inception as tv_inception
 
 from semani.data.transforms import to_uint8
 from semani.utils.checkpoint import CheckpointMismatchError, load_state_dict_strict
@@ -39,6 +44,7 @@ __all__ = [
     "StackGANInceptionV3",
     "TFInceptionV3",
     "require_weights",
+    "stackgan_inception3",
     "to_uint8",
 ]
 
@@ -48,10 +54,12 @@ TF_INCEPTION_URL = (
 )
 STACKGAN_INCEPTION_SOURCE = (
     "StackGAN's fine-tuned Inception-v3 (https://github.com/hanzhanggit/StackGAN-inception-model: "
-    "inception_finetuned_models/{birds,flowers}_valid299/model.ckpt, TF-slim), converted to a "
-    "torchvision Inception3 state dict (fc with num_classes + 1 outputs, the background first)"
+    "inception_finetuned_models/{birds,flowers}_valid299/model.ckpt, TF), converted to a "
+    "torchvision Inception3 state dict (fc with num_classes + 1 outputs, the background first) "
+    "by: python scripts/convert_stackgan_inception.py --ckpt <model.ckpt> --out <file>"
 )
 INCEPTION_SIZE = 299
+TF_BN_EPS = 1e-3  # the batch-norm epsilon of StackGAN's TF Inception-v3 (inception_score.py)
 
 
 def require_weights(path: str | os.PathLike | None, what: str, source: str) -> Path:
@@ -117,14 +125,70 @@ class TFInceptionV3(_Frozen):
         return self.net(to_uint8(images))[0]
 
 
+def _tf_avg_pool3(x: Tensor) -> Tensor:
+    """TF's 3x3 stride-1 SAME average pool: the padded zeros are not counted."""
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class _TFInceptionA(tv_inception.InceptionA):
+    """Mixed_5b-5d with TF's average pool."""
+
+    def _forward(self, x: Tensor) -> list[Tensor]:
+        branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
+        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return [self.branch1x1(x), branch5x5, branch3x3dbl, self.branch_pool(_tf_avg_pool3(x))]
+
+
+class _TFInceptionC(tv_inception.InceptionC):
+    """Mixed_6b-6e with TF's average pool."""
+
+    def _forward(self, x: Tensor) -> list[Tensor]:
+        branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        branch7x7dbl = self.branch7x7dbl_1(x)
+        branch7x7dbl = self.branch7x7dbl_3(self.branch7x7dbl_2(branch7x7dbl))
+        branch7x7dbl = self.branch7x7dbl_5(self.branch7x7dbl_4(branch7x7dbl))
+        return [self.branch1x1(x), branch7x7, branch7x7dbl, self.branch_pool(_tf_avg_pool3(x))]
+
+
+class _TFInceptionE(tv_inception.InceptionE):
+    """Mixed_7b-7c with TF's average pool."""
+
+    def _forward(self, x: Tensor) -> list[Tensor]:
+        b3 = self.branch3x3_1(x)
+        branch3x3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        b3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        branch3x3dbl = torch.cat([self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl)], 1)
+        return [self.branch1x1(x), branch3x3, branch3x3dbl, self.branch_pool(_tf_avg_pool3(x))]
+
+
+def stackgan_inception3(num_outputs: int, aux_logits: bool) -> nn.Module:
+    """An untrained torchvision `Inception3` computing as StackGAN's TF Inception-v3.
+
+    The state dict keys are torchvision's; the 3x3 average pools exclude the padding and every
+    batch norm uses TF's epsilon (`TF_BN_EPS`). Input (B, 3, 299, 299) in [-1, 1].
+    """
+    blocks = [tv_inception.BasicConv2d, _TFInceptionA, tv_inception.InceptionB, _TFInceptionC,
+              tv_inception.InceptionD, _TFInceptionE, tv_inception.InceptionAux]  # fmt: skip
+    net = tv_inception.Inception3(
+        num_classes=num_outputs, aux_logits=aux_logits, transform_input=False,
+        inception_blocks=blocks, init_weights=False,
+    )  # fmt: skip
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps = TF_BN_EPS
+    return net
+
+
 class StackGANInceptionV3(_Frozen):
     """StackGAN's per-data-set Inception-v3 as torchvision's `Inception3`.
 
     Args:
         path: a torchvision `Inception3` state dict (bare or under `state_dict`), converted from
-            StackGAN's TF checkpoint. AuxLogits weights may be present or not.
+            StackGAN's TF checkpoint by `scripts/convert_stackgan_inception.py`. AuxLogits
+            weights may be present or not.
         num_classes: the real classes (CUB 50, Oxford 20).
-        background_logit: the fc has `num_classes + 1` outputs, the background first (TF-slim).
+        background_logit: the fc has `num_classes + 1` outputs, the background first (label 0 of
+            StackGAN's TF graph).
         quantize: round to uint8 before and after the resize, as StackGAN's evaluation of saved
             images; False: resize the float images directly.
     """
@@ -137,8 +201,6 @@ class StackGANInceptionV3(_Frozen):
         quantize: bool = True,
     ) -> None:
         super().__init__()
-        from torchvision.models import inception_v3
-
         path = require_weights(path, "StackGAN fine-tuned Inception-v3", STACKGAN_INCEPTION_SOURCE)
         sd = _read_state_dict(path)
         n_out = num_classes + int(background_logit)
@@ -149,10 +211,7 @@ class StackGANInceptionV3(_Frozen):
                 f"{num_classes} + {int(background_logit)} = {n_out}"
             )
         aux = any(k.startswith("AuxLogits.") for k in sd)
-        self.net = inception_v3(
-            weights=None, num_classes=n_out, aux_logits=aux, init_weights=False,
-            transform_input=False,
-        )  # fmt: skip
+        self.net = stackgan_inception3(n_out, aux_logits=aux)
         load_state_dict_strict(
             self.net, sd, str(path), expected="a torchvision Inception3 state dict"
         )

@@ -1,6 +1,7 @@
 """L2 error (Table I): mean squared pixel error between the input and the manipulated image.
 
-Images in [-1, 1] are compared on the [0, 1] pixel scale: per image the mean over channels and
+Images in [-1, 1] are compared on the [0, 1] pixel scale (assumed: the paper gives no scale; its
+Table I's values, e.g. 0.02, fit this one): per image the mean over channels and
 pixels of ((output + 1) / 2 - (input + 1) / 2)^2, then the mean over images (all images have
 one size, so this is the mean over every pixel of the set). The protocol uses it when the image
 is manipulated with its own caption, where a good editor changes little.

@@ -10,13 +10,19 @@ from-scratch runs, from `tiny` (`tiny_inpaint_components` keyword arguments); ne
 Training step (Eq. 14), every draw from one CPU `torch.Generator` seeded by (seed, rank, global
 step, batch index), in this order (`training_inputs`):
   1. text dropout `rand(B) < text_dropout`, 2. mask dropout `rand(B) < mask_dropout`,
+  2b. joint dropout `rand(B) < joint_dropout` (both conditions empty at once),
   3. one mask per sample (`semani.data.inpaint_masks.MaskSampler`: an entity mask of the data
      set or a random box / brush-stroke mask; skipped where the batch brings its own
      `inpaint_mask`, drawn in the DataLoader workers with `data.inpaint_masks`),
   4. the VAE posterior sample of the image, 5. that of the masked image, 6. the noise,
   7. the timesteps.
-The empty conditions of classifier-free guidance (Eq. 15): a dropped text is the empty caption
-""; a dropped mask is the all-ones mask ("re-paint everything"), so the masked image
+The empty conditions of classifier-free guidance (Eq. 15): the paper replaces "the text guidance
+and mask guidance with empty guidance ∅", and guides with ε(z_t, ∅) + s·(ε(z_t, c) − ε(z_t, ∅)),
+so the model must know the pair (empty text, empty mask): `joint_dropout` empties both at once
+(the `semani_diff_*` configs: 0.1, assumed), `text_dropout` and `mask_dropout` one alone (0.05
+each, assumed: diffusers' guidance keeps the mask, Blended LDM on an inpainting model keeps the
+text). A dropped text is the empty caption ""; a dropped mask is the all-ones mask ("re-paint
+everything"), so the masked image
 `x * (M < 0.5)` is all zeros (mid-gray) and its latent is the VAE encoding of that gray image:
 exactly what diffusers' `StableDiffusionInpaintPipeline` feeds for a full mask. The UNet input is
 `cat([z_t, M, E((1 - M) x)])` (diffusers' channel order), the target the noise
@@ -102,7 +108,8 @@ class SemaniDiffModule(pl.LightningModule):
         vae_kl_weight: with train_vae, weight of the per-element KL in the VAE loss.
         vae_scaling_factor: set the VAE's latent scaling factor (None: its own, 0.18215 in SD).
         masks: `MaskSampler` kwargs (entity/box/stroke weights, entity_union, coverage).
-        text_dropout, mask_dropout: per-sample probabilities of the empty conditions.
+        text_dropout, mask_dropout: per-sample probabilities of one empty condition.
+        joint_dropout: per-sample probability of both empty conditions at once (Eq. 15's ∅).
         lr, betas, weight_decay, eps: AdamW (weight decay on >= 2-D weights only).
         warmup_steps, lr_schedule, min_lr_ratio: linear warm-up, then "cosine" (to
             min_lr_ratio * lr at the trainer's last step) or "constant"; per step.
@@ -131,6 +138,7 @@ class SemaniDiffModule(pl.LightningModule):
         masks: Mapping[str, Any] | None = None,
         text_dropout: float = 0.1,
         mask_dropout: float = 0.1,
+        joint_dropout: float = 0.0,
         lr: float = 1e-5,
         betas: Sequence[float] = (0.9, 0.999),
         weight_decay: float = 1e-2,
@@ -158,7 +166,9 @@ class SemaniDiffModule(pl.LightningModule):
         tiny, masks = plain_hparams(tiny), plain_hparams(masks)
         betas = [float(b) for b in betas]
         val_timesteps = [int(t) for t in val_timesteps]
-        for name, p in (("text_dropout", text_dropout), ("mask_dropout", mask_dropout)):
+        dropouts = {"text_dropout": text_dropout, "mask_dropout": mask_dropout,
+                    "joint_dropout": joint_dropout}  # fmt: skip
+        for name, p in dropouts.items():
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
         if lr_schedule not in LR_SCHEDULES:
@@ -288,6 +298,9 @@ class SemaniDiffModule(pl.LightningModule):
         hp = self.hparams
         drop_text = torch.rand(b, generator=generator) < hp.text_dropout  # (B,)
         drop_mask = torch.rand(b, generator=generator) < hp.mask_dropout  # (B,)
+        if hp.get("joint_dropout", 0.0) > 0:  # Eq. 15's empty guidance: both at once
+            joint = torch.rand(b, generator=generator) < hp.joint_dropout  # (B,)
+            drop_text, drop_mask = drop_text | joint, drop_mask | joint
         if not dropout:
             drop_text, drop_mask = torch.zeros_like(drop_text), torch.zeros_like(drop_mask)
         if "inpaint_mask" in batch:  # drawn in the DataLoader workers (data.inpaint_masks)

@@ -77,6 +77,24 @@ SD15_SHAPES = dict(
     text_layers=12,
     text_heads=12,
 )
+# `tiny_inpaint_components(**SD2_SHAPES)`: SD-2(-inpainting)'s shapes (UNet 865.9M with 9 input
+# channels): per-level attention heads of 64 channels, linear projections in the transformers,
+# and the OpenCLIP ViT-H/14 text tower in transformers' CLIPTextModel form (1024 wide, 23
+# layers, 16 heads, GELU); its tokenizer pads with "!"
+SD2_SHAPES = dict(
+    sample_size=64,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=1024,
+    attention_head_dim=(5, 10, 20, 20),
+    use_linear_projection=True,
+    vae_channels=(128, 256, 512, 512),
+    vae_layers_per_block=2,
+    text_layers=23,
+    text_heads=16,
+    text_act="gelu",
+    pad_token="!",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,14 +219,17 @@ def tiny_inpaint_components(
     block_out_channels: tuple[int, ...] = (32, 64),
     layers_per_block: int = 1,
     cross_attention_dim: int = 32,
-    attention_head_dim: int = 8,
+    attention_head_dim: int | Sequence[int] = 8,
     vae_channels: tuple[int, ...] = (16, 16, 32, 32),
     vae_layers_per_block: int = 1,
     text_layers: int = 2,
     text_heads: int = 4,
     tokenizer_folder: str | os.PathLike | None = None,
+    use_linear_projection: bool = False,
+    text_act: str = "quick_gelu",
+    pad_token: str | None = None,
 ) -> dict[str, Any]:
-    """Seeded tiny random SD components: the SD-1.5 layout at toy widths.
+    """Seeded tiny random SD components: the SD-1.5 layout at toy widths (or SD-2's).
 
     Args:
         seed: every module is initialised under `torch.manual_seed(seed)` (the global RNG is
@@ -222,7 +243,12 @@ def tiny_inpaint_components(
             (2 ** (levels - 1)).
         text_layers, text_heads: the CLIP text transformer (vocabulary 49408, 77 positions,
             width `cross_attention_dim`, MLP 4x).
-        `tiny_inpaint_components(**SD15_SHAPES)` has SD-1.5(-inpainting)'s shapes.
+        `tiny_inpaint_components(**SD15_SHAPES)` has SD-1.5(-inpainting)'s shapes,
+        `**SD2_SHAPES` SD-2(-inpainting)'s.
+        use_linear_projection: the UNet's transformers project with linear layers (SD-2).
+        text_act: the text tower's activation ("quick_gelu": OpenAI CLIP, SD-1.5; "gelu":
+            OpenCLIP ViT-H, SD-2).
+        pad_token: the tokenizer's padding token (None: the end token, SD-1.5; "!": SD-2).
         tokenizer_folder: where the offline CLIP tokenizer is cached (see
             `offline_clip_tokenizer`).
     Returns:
@@ -247,6 +273,7 @@ def tiny_inpaint_components(
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
             cross_attention_dim=cross_attention_dim,
             attention_head_dim=attention_head_dim,
+            use_linear_projection=use_linear_projection,
             norm_num_groups=min(32, block_out_channels[0]),
         )
         vae = tiny_vae(seed, vae_channels, vae_layers_per_block, sample_size)
@@ -258,17 +285,21 @@ def tiny_inpaint_components(
                 intermediate_size=4 * cross_attention_dim,
                 num_hidden_layers=text_layers,
                 num_attention_heads=text_heads,
+                hidden_act=text_act,
                 max_position_embeddings=CLIP_CONTEXT_LENGTH,
                 bos_token_id=CLIP_VOCAB_SIZE - 2,
                 eos_token_id=CLIP_VOCAB_SIZE - 1,
                 pad_token_id=CLIP_VOCAB_SIZE - 1,
             )
         )
+    tokenizer = offline_clip_tokenizer(tokenizer_folder)
+    if pad_token is not None:
+        tokenizer.pad_token = pad_token
     return {
         "unet": unet,
         "vae": vae,
         "text_encoder": text_encoder,
-        "tokenizer": offline_clip_tokenizer(tokenizer_folder),
+        "tokenizer": tokenizer,
         "scheduler": DDIMScheduler(**SD_SCHEDULER),
     }
 

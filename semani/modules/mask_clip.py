@@ -129,6 +129,8 @@ class MaskPromptCLIP(nn.Module):
         ovseg_ckpt: path of an OVSeg `ovseg_*_ft_mpt.pth` (CLIP + mask prompt, loaded strictly).
         clip: an already built `ClipModel` to use instead of `model_name`/`pretrained`.
         square: crops padded to a square (paper) instead of OVSeg's stretched boxes.
+        region: "box" (OVSeg's: the entity's bounding box) or "image" (the paper's masked
+            image: the whole input with every non-entity pixel the mean colour).
     """
 
     def __init__(
@@ -141,8 +143,12 @@ class MaskPromptCLIP(nn.Module):
         square: bool = False,
         cache_dir: str | None = None,
         mask_prompt: str | None = None,
+        region: str = "box",
     ) -> None:
         super().__init__()
+        if region not in ("box", "image"):
+            raise ValueError(f"region must be 'box' (OVSeg's crop) or 'image', got {region!r}")
+        self.region = region
         if clip is None:
             if ovseg_ckpt:
                 model_name, pretrained = quickgelu_name(model_name), None
@@ -296,7 +302,10 @@ class MaskPromptCLIP(nn.Module):
     def crops(self, image: Tensor, masks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(3, H, W) in [-1, 1] + (K, H, W) bool -> crops, crop masks, valid (`masked_crops`)."""
         fill = 2 * self.clip.mean.flatten() - 1  # CLIP's mean colour in [-1, 1]
-        return masked_crops(image, masks, self.clip.image_size, fill, square=self.square)
+        return masked_crops(
+            image, masks, self.clip.image_size, fill, square=self.square,
+            full=self.region == "image",
+        )  # fmt: skip
 
     def encode_entities(
         self, image: Tensor, masks: Tensor, mask_prompt: bool = True, normalize: bool = True

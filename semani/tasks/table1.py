@@ -16,6 +16,7 @@ cases of ``plan.csv``. **Sharding**: under ``torchrun`` (RANK, WORLD_SIZE) rank 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from semani.alignment.types import EntityNotFoundError
 from semani.evaluation.table1 import (
@@ -31,17 +32,20 @@ from semani.evaluation.table1 import (
     RunFiles,
     Settings,
     grid_of,
+    image_set,
     plan_cases,
     run_cases,
     shard,
     write_tables,
 )
 from semani.evaluation.tables import markdown_row_table
+from semani.evaluation.words import load_tagger
 from semani.pipeline import EntityEditPipeline
 from semani.utils.atomic import write_csv
-from semani.utils.errors import USER_ERRORS, one_line
+from semani.utils.errors import one_line_errors
 from semani.utils.instantiators import instantiate_unwrapped
 from semani.utils.pylogger import get_pylogger
+from semani.utils.task_utils import exit_on_sigterm
 from semani.utils.weights import check_weights
 
 log = get_pylogger(__name__)
@@ -129,7 +133,12 @@ def _run(
     order = order[: cfg_t.max_images] if cfg_t.get("max_images") else order
     if world > len(order):
         raise ValueError(f"{world} processes for {len(order)} images: use fewer processes")
-    cases = plan_cases(ds, order, cfg_t.word_from, cfg_t.get("word"), int(cfg_t.seed))
+    tagger = (
+        load_tagger(cfg_t.get("noun_tagger", "auto")) if cfg_t.word_from == "caption" else None
+    )
+    cases = plan_cases(ds, order, cfg_t.word_from, cfg_t.get("word"), int(cfg_t.seed), tagger)
+    rules = Counter(c.word_rule for c in cases)
+    log.info("entity words: %s", ", ".join(f"{n} images by {r}" for r, n in rules.items()))
     out = [str(cfg_t.get("out_dir") or cfg.paths.output_dir)]
     if world > 1:
         dist.broadcast_object_list(out, src=0)  # every rank writes into rank 0's folder
@@ -144,22 +153,31 @@ def _run(
     metrics = instantiate_unwrapped(cfg.metrics)(caption_pool=pool).to(device)
     pipeline = None
     if not predictions:
+        with open_dict(cfg):  # one background treatment for every method (table1.composite)
+            for key in ("composite", "feather"):
+                if cfg_t.get(key) is not None and key in cfg.editor:
+                    cfg.editor[key] = cfg_t[key]
         pipeline = EntityEditPipeline.from_config(cfg, align=settings.mask == "aligned")
     mine = shard(cases, rank, world)
     log.info("Table I: %s on %s, %d of %d images on rank %d/%d, into %s", settings.method,
              cfg.data.dataset, len(mine), len(cases), rank, world, out)  # fmt: skip
-    counts = run_cases(ds, mine, files, pipeline, metrics, settings, device)
-    totals = torch.tensor([counts["done"], counts["skipped"]], device=device)
+    counts, scored = run_cases(ds, mine, files, pipeline, metrics, settings, device)
+    totals = torch.tensor([counts["done"] + counts["not_found"], counts["not_found"],
+                           counts["skipped"]], device=device)  # fmt: skip
     per_rank = [totals.clone() for _ in range(world)]
+    keys: list = [scored]
     if world > 1:
         dist.all_gather(per_rank, totals)
+        keys = [None] * world
+        dist.all_gather_object(keys, scored)
     if min(int(t[0]) for t in per_rank) == 0:
         raise ValueError("no image was scored on some process: every one of its images was "
                          "skipped (see the warnings), or there are too few images")  # fmt: skip
     values = metrics.compute()  # synchronised over the ranks
-    n, skipped = (int(v) for v in torch.stack(per_rank).sum(0))
+    n, not_found, skipped = (int(v) for v in torch.stack(per_rank).sum(0))
     dataset = DATASET_NAMES.get(cfg.data.dataset, cfg.data.dataset)
-    row = {"method": settings.method, "dataset": dataset, "n": n, "skipped": skipped,
+    row = {"method": settings.method, "dataset": dataset, "n": n, "not_found": not_found,
+           "skipped": skipped, "image_set": image_set([k for ks in keys for k in ks]),
            "mask": "none" if predictions else settings.mask, **values}  # fmt: skip
     if world > 1:
         dist.barrier()  # every rank's images are written
@@ -167,16 +185,13 @@ def _run(
         grid = grid_of(cases, ds, files, settings.grid_rows, settings.grid_tile)
         write_tables(out, row, grid)
         log.info("Table I written to %s\n%s", out / "table1.md", markdown_row_table([row]))
-    return {f"table1/{k}": float(v) for k, v in values.items()} | {"table1/n": float(n)}
+    counts = {"table1/n": float(n), "table1/not_found": float(not_found)}
+    return {f"table1/{k}": float(v) for k, v in values.items()} | counts
 
 
+@one_line_errors(EntityNotFoundError)
 def main(cfg: DictConfig) -> dict[str, Any]:
     """`table1(cfg)`; the failures a user can fix (a missing file or key, an image with no
     entity under table1.not_found=raise) exit with one line."""
-    try:
-        return table1(cfg)
-    except EntityNotFoundError as err:
-        raise SystemExit(f"error: {one_line(err)}") from None
-    except USER_ERRORS as err:
-        log.debug("table1 failed", exc_info=True)
-        raise SystemExit(f"error: {one_line(err)}") from None
+    exit_on_sigterm()
+    return table1(cfg)

@@ -39,7 +39,12 @@ def mask_to_token_mask(
 
 
 def masked_crops(
-    images: Tensor, masks: Tensor, size: tuple[int, int], fill: Tensor, square: bool = False
+    images: Tensor,
+    masks: Tensor,
+    size: tuple[int, int],
+    fill: Tensor,
+    square: bool = False,
+    full: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Entity crops: bounding box of each mask, background = `fill`, resized to `size`.
 
@@ -49,6 +54,8 @@ def masked_crops(
         size: (h, w) of the crops (the CLIP input size).
         fill: (3,) the background colour in the images' range (CLIP's mean colour: 2 * mean - 1).
         square: pad each box to a square (centred, with `fill`) before resizing.
+        full: the whole image instead of the box (the paper's masked image: the input's shape,
+            every non-entity pixel `fill`).
 
     Returns:
         crops (K, 3, h, w), crop masks (K, h, w) float in {0, 1} (nearest), valid (K,) bool
@@ -64,6 +71,8 @@ def masked_crops(
     crop_masks = images.new_zeros(K, *size)  # (K, h, w)
     rows, cols = masks.any(2), masks.any(1)  # (K, H), (K, W)
     valid = rows.any(1)  # (K,)
+    if full:  # every box is the whole image
+        rows, cols = rows | valid[:, None], cols | valid[:, None]
     top = rows.float().argmax(1).tolist()
     bottom = (H - rows.flip(1).float().argmax(1)).tolist()  # exclusive
     left = cols.float().argmax(1).tolist()
