@@ -319,14 +319,17 @@ def _edit(
         original = read_image(path)
         source = working_copy(original, limits.max_side)
         pipeline = _with_selection(pipeline, request.threshold, request.strict)
-        plan_edits(request.text, request.entity, has_mask=False)  # before proposing
-        proposals = pipeline.propose(source)
+        plan = plan_edits(request.text, request.entity, has_mask=False)  # before proposing
+        # a text-conditioned segmenter proposes per word: the gallery shows the first word's
+        words = {word for word, _ in plan}
+        proposals = pipeline.propose(source, word=plan[0][0])
+        shared = not pipeline.text_conditioned or len(words) == 1
         result = pipeline(
             source,
             request.text,
             entity=request.entity,
             seed=request.seed,
-            proposals=proposals,
+            proposals=proposals if shared else None,
             **_sampler(pipeline, request.steps, request.guidance),
         )
     except EntityNotFoundError as err:
@@ -339,6 +342,8 @@ def _edit(
         log.debug("request failed", exc_info=True)
         return _outputs(f"error: {one_line(err)}", source, proposals, word_sims, chosen)
     for e in result.edits:
+        if not shared and e.word != plan[0][0]:
+            continue  # ranked among its own proposals, not the gallery's
         word_sims[e.word] = e.alignment.similarities.tolist()
         chosen.setdefault(e.word, []).extend(e.alignment.chosen)
     picked = "; ".join(

@@ -207,12 +207,22 @@ class EntityEditPipeline:
         """The sampler settings the editor takes per call (`steps`, `guidance_scale`)."""
         return sampler_options(self.editor)
 
-    def propose(self, image: Any, sample: Mapping[str, Any] | None = None) -> EntityProposals:
-        """The segmenter's proposals for `image` (to show them, or to pass to several calls)."""
+    def propose(
+        self, image: Any, sample: Mapping[str, Any] | None = None, word: str | None = None
+    ) -> EntityProposals:
+        """The segmenter's proposals for `image` (to show them, or to pass to several calls);
+        `word` reaches a text-conditioned segmenter only (`text_conditioned`)."""
         if self.aligner is None:
             raise ValueError("this pipeline has no aligner: give a mask")
         with torch.inference_mode():
-            return self.aligner.propose(_as_inputs(image)[1], sample)
+            return self.aligner.propose(_as_inputs(image)[1], sample, word=word)
+
+    @property
+    def text_conditioned(self) -> bool:
+        """Whether the segmenter's proposals depend on the word (GroundingDINO + SAM): then
+        proposals are made per word and cannot be shared by the words of one call."""
+        segmenter = getattr(self.aligner, "segmenter", None)
+        return bool(getattr(segmenter, "text_conditioned", False))
 
     def align(
         self,

@@ -109,15 +109,19 @@ def test_openai_torchscript_release_file_loads(clip: ClipModel, tmp_path: Path) 
         torch.testing.assert_close(got[key], ref[key], rtol=1e-3, atol=1e-4, msg=key)
 
 
-def test_hub_tag_without_weights_fails_fast_and_clearly(tmp_path: Path) -> None:
+def test_hub_tag_without_weights_fails_fast_and_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline, and the caches are empty
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match="cannot be fetched here") as err:
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache") as err:
         ClipModel("ViT-B-32", pretrained="openai", cache_dir=str(tmp_path))
-    assert "pass the local file" in str(err.value)
+    assert "pass pretrained=" in str(err.value) and "\n" not in str(err.value)
     assert time.monotonic() - start < 5.0  # no network retries
     with pytest.raises(FileNotFoundError, match="not an open_clip pretrained tag"):
         ClipModel(TINY_CLIP_NAME, pretrained=str(tmp_path / "missing.pt"))
-    with pytest.raises(RuntimeError, match="Hugging Face hub"):
+    with pytest.raises(FileNotFoundError, match="CLIP-ViT-B-32-laion2B-s34B-b79K is not in"):
         ClipModel("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
 
 

@@ -328,7 +328,7 @@ def test_missing_model_folder_is_a_clear_error(tmp_path: Path) -> None:
         with pytest.raises(ModelNotFoundError, match="nowhere") as err:
             build_segmenter(name, model_name_or_path=missing)
         msg = str(err.value)
-        assert "huggingface-cli download" in msg and "allow_download" in msg
+        assert "scripts/download_weights.py --only" in msg and "\n" not in msg
 
 
 def test_entityseg_without_detectron2_says_how_to_install(tmp_path: Path) -> None:

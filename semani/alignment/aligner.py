@@ -148,11 +148,17 @@ class EntityAligner(nn.Module):
             segmenter = instantiate_unwrapped(cfg.segmenter, _convert_="all")
         return cls(instantiate_unwrapped(cfg.scorer), segmenter, **args)
 
-    def propose(self, image: Tensor, sample: Mapping[str, Any] | None = None) -> EntityProposals:
+    def propose(
+        self, image: Tensor, sample: Mapping[str, Any] | None = None, word: str | None = None
+    ) -> EntityProposals:
         """The segmenter's proposals for `image` (`sample`: the data set sample it comes from,
-        for the ground-truth segmenter)."""
+        for the ground-truth segmenter). `word` reaches only a text-conditioned segmenter (one
+        with `text_conditioned = True`, e.g. GroundingDINO + SAM) as `segment(..., word=word)`;
+        the others are called `segment(image, sample)`."""
         if self.segmenter is None:
             raise ValueError("this aligner has no segmenter: pass proposals= to align()")
+        if word is not None and getattr(self.segmenter, "text_conditioned", False):
+            return self.segmenter.segment(image, sample, word=word)
         return self.segmenter.segment(image, sample)
 
     def score(self, image: Tensor, proposals: EntityProposals, word: str) -> Tensor:
@@ -247,11 +253,13 @@ class EntityAligner(nn.Module):
             proposals: use these instead of calling the segmenter.
             sample: the data set sample `image` comes from (passed to the segmenter).
 
+        A text-conditioned segmenter is also given `word` (see `propose`).
+
         Raises:
             EntityNotFoundError: no proposal matches (see the module docstring).
         """
         image = as_image(image)
-        proposals = self.propose(image, sample) if proposals is None else proposals
+        proposals = self.propose(image, sample, word) if proposals is None else proposals
         as_image(image, proposals)  # masks at the image's size
         sims = self.score(image, proposals, word)
         return self.select(word, sims, proposals, token_grid)
@@ -269,22 +277,35 @@ class EntityAligner(nn.Module):
         """Align every entity of a multi-entity edit on the same image, in order.
 
         `edits` is "word: text | word: text" or a list of (word, text). The image is segmented
-        once and scored once per distinct word; a word asked for again later takes only its
-        best proposal, and proposals taken for a word are not offered to its later requests.
+        once (a text-conditioned segmenter: once per distinct word, each word keeping its own
+        proposals) and scored once per distinct word; a word asked for again later takes only
+        its best proposal, and proposals taken for a word are not offered to its later requests.
         """
         pairs = parse_entity_edits(edits) if isinstance(edits, str) else list(edits)
         image = as_image(image)
-        proposals = self.propose(image, sample) if proposals is None else proposals
-        as_image(image, proposals)
+        per_word = proposals is None and getattr(self.segmenter, "text_conditioned", False)
+        if not per_word:
+            proposals = self.propose(image, sample) if proposals is None else proposals
+            as_image(image, proposals)
+        word_proposals: dict[str, EntityProposals] = {}
         sims: dict[str, Tensor] = {}
         taken: dict[str, list[int]] = {}
         out = []
         for i, (word, text) in enumerate(pairs):
             if word not in sims:
+                if per_word:
+                    proposals = self.propose(image, sample, word)
+                    as_image(image, proposals)
+                word_proposals[word] = proposals
                 sims[word] = self.score(image, proposals, word)
             again = any(w == word for w, _ in pairs[i + 1 :])
             result = self.select(
-                word, sims[word], proposals, token_grid, taken.get(word, ()), best_only=again
+                word,
+                sims[word],
+                word_proposals[word],
+                token_grid,
+                taken.get(word, ()),
+                best_only=again,
             )
             taken.setdefault(word, []).extend(result.chosen)
             out.append(EntityEdit(word, text, result))

@@ -79,6 +79,12 @@ def _cases(sample: Mapping[str, Any], descriptions: Sequence[str] | None, kind: 
         yield word, prompt, masks[idx]
 
 
+def _text_conditioned(segment: Callable[..., EntityProposals]) -> bool:
+    """Whether `segment` (a segmenter's bound ``segment``, or a function) reads the prompt."""
+    owner = getattr(segment, "__self__", segment)
+    return bool(getattr(owner, "text_conditioned", False))
+
+
 def run_study(
     dataset: Sequence[Mapping[str, Any]],
     segmenters: Mapping[str, Callable[[Tensor, Mapping[str, Any]], EntityProposals]],
@@ -94,7 +100,10 @@ def run_study(
 
     Args:
         dataset: samples with ``image`` (3, H, W) in [-1, 1], ``entity_masks``, ``entity_names``.
-        segmenters: name -> fn(image, sample) -> proposals at the image's size.
+        segmenters: name -> fn(image, sample) -> proposals at the image's size; a
+            text-conditioned segmenter's (``text_conditioned = True``, e.g. GroundingDINO + SAM)
+            is called once per case as fn(image, sample, word=prompt), and `min_candidates`
+            then applies per case.
         scorers: name -> scorer (image, proposals, prompt) -> (K,) (NaN: not scored).
         prompt_kinds: "name" and/or "description" (needs `describe`).
         max_images: the first N images (None: all).
@@ -114,12 +123,19 @@ def run_study(
         image = as_image(sample["image"])
         descriptions = describe(sample["index"]) if describe is not None else None
         for seg_name, segment in segmenters.items():
-            proposals = segment(image, sample)
-            K = len(proposals)
-            if K < min_candidates:
-                continue
+            per_prompt = _text_conditioned(segment)
+            if not per_prompt:
+                proposals = segment(image, sample)
+                K = len(proposals)
+                if K < min_candidates:
+                    continue
             for kind in prompt_kinds:
                 for word, prompt, gt in _cases(sample, descriptions, kind):
+                    if per_prompt:  # proposals for this prompt
+                        proposals = segment(image, sample, word=prompt)
+                        K = len(proposals)
+                        if K < min_candidates:
+                            continue
                     iou = (
                         mask_iou(proposals.masks, gt).amax(1) if K else torch.zeros(0)
                     )  # (K,) each proposal's best IoU with an entity named `word`

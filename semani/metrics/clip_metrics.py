@@ -29,6 +29,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from semani.metrics.per_sample import as_index, select_samples
+from semani.utils.hub import looks_like_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,9 @@ def load_clip(model_name: str = "RN50", pretrained: str | os.PathLike | None = N
     """A frozen `ClipModel`; a missing weights file is an error naming it and its source.
 
     `pretrained`: a local checkpoint (OpenAI's TorchScript `RN50.pt`, an open_clip state dict),
-    a cached open_clip tag, or None for a random init (tests only: the scores mean nothing).
+    an open_clip tag ("openai") or a Hugging Face hub id holding open_clip weights (downloaded
+    into the cache, or read from it offline: `semani.modules.clip.resolve_pretrained`), or None
+    for a random init (tests only: the scores mean nothing).
     """
     from semani.modules.clip import ClipModel  # open_clip is slow to import: only when used
 
@@ -66,7 +69,9 @@ def load_clip(model_name: str = "RN50", pretrained: str | os.PathLike | None = N
         log.warning("CLIP %s with RANDOM weights: CLIP metrics are meaningless", model_name)
         return ClipModel(model_name, None)
     text = str(pretrained)
-    looks_like_file = os.sep in text or text.endswith(_WEIGHT_SUFFIXES)
+    looks_like_file = text.endswith(_WEIGHT_SUFFIXES) or (
+        os.sep in text and not looks_like_hub_id(text)
+    )
     if looks_like_file and not Path(text).expanduser().is_file():
         raise FileNotFoundError(
             f"CLIP weights not found: '{text}' ({model_name}). Get them from "

@@ -6,10 +6,15 @@
   architecture `"semani-tiny-ViT"` (a JSON in `semani/modules/clip_configs/`, registered with
   open_clip when this module is imported).
 - `pretrained`: None (random init, tests), a local checkpoint file (an open_clip state dict, a
-  `.safetensors` file, or OpenAI's TorchScript release such as `ViT-B-32.pt`), or an open_clip
-  tag (`"openai"`, `"laion2b_s34b_b79k"`). A tag is resolved from the local caches only
-  (`~/.cache/clip`, the Hugging Face cache): nothing is downloaded unless `allow_download=True`,
-  and a tag whose weights are not cached fails at once with a message naming the fix.
+  `.safetensors` file, or OpenAI's TorchScript release such as `ViT-B-32.pt`), an open_clip
+  tag (`"openai"`, `"laion2b_s34b_b79k"`), or a Hugging Face hub id holding open_clip weights
+  (`open_clip_model.safetensors`). A tag is read from the caches when it is there (the Hugging
+  Face cache for the tags open_clip fetches from the hub, `~/.cache/clip` for URL ones), else
+  downloaded into them (huggingface_hub's progress bars), as `open_clip.create_model` does;
+  offline (`HF_HUB_OFFLINE=1`, `semani.utils.hub.is_offline`) a tag that is not cached fails
+  at once with one line naming the files and the command that gets them.
+- `model_name` may also be open_clip's `hf-hub:org/name` (downloaded by open_clip; offline, the
+  cached snapshot) or `local-dir:<folder>`.
 
 `encode_image` takes generator outputs directly: (B, 3, H, W) in [-1, 1], resized
 differentiably to the model's input size (bicubic, no antialias, shorter side then centre crop as
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +40,19 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import Tensor
 
 from semani.modules.clip_tokens import patch_features
+from semani.utils.hub import (
+    HubDownloadError,
+    NotInCacheError,
+    cached_snapshot,
+    download_error,
+    first_line,
+    hub_cache_dir,
+    is_offline,
+    looks_like_hub_id,
+    not_cached_error,
+    offline_reason,
+    offline_scope,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +81,16 @@ def _is_torchscript(path: str | Path) -> bool:
         return any(name.endswith("constants.pkl") for name in zf.namelist())
 
 
+def _tag_filenames(filename: str) -> list[str]:
+    """The files of an open_clip hub entry, in the order open_clip tries them (safetensors
+    first)."""
+    if not filename:
+        return list(_HF_DEFAULT_FILES)
+    if filename.endswith((".bin", ".pth")):
+        return [os.path.splitext(filename)[0] + ".safetensors", filename]
+    return [filename]
+
+
 def _cached_tag_file(tag_cfg: dict, cache_dir: str | None) -> str | None:
     """The local file of an open_clip pretrained tag if a cache holds it, else None."""
     if tag_cfg.get("file"):
@@ -71,11 +100,8 @@ def _cached_tag_file(tag_cfg: dict, cache_dir: str | None) -> str | None:
         from huggingface_hub import try_to_load_from_cache
 
         repo_id, filename = os.path.split(hub)
-        names = [filename] if filename else list(_HF_DEFAULT_FILES)
-        if filename and not filename.endswith(".safetensors"):
-            names.insert(0, os.path.splitext(filename)[0] + ".safetensors")
-        for name in names:
-            hit = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
+        for name in _tag_filenames(filename):
+            hit = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir or hub_cache_dir())
             if isinstance(hit, str) and os.path.isfile(hit):
                 return hit
     url = tag_cfg.get("url", "")
@@ -88,13 +114,72 @@ def _cached_tag_file(tag_cfg: dict, cache_dir: str | None) -> str | None:
     return None
 
 
+def _hub_file(repo_id: str, filenames: list[str], cache_dir: str | None, label: str) -> str:
+    """The first of `filenames` in the hub repository `repo_id`: from the Hugging Face cache, or
+    downloaded into it by huggingface_hub (not offline). One-line errors naming `label`."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    cache = cache_dir or hub_cache_dir()
+    last: Exception | None = None
+    with offline_scope() as offline:
+        for name in filenames:
+            try:
+                return hf_hub_download(
+                    repo_id,
+                    name,
+                    cache_dir=cache,
+                    local_files_only=offline,
+                    library_name="open_clip",
+                )
+            except EntryNotFoundError as err:  # not in the repo, or (offline) not in the cache
+                last = err
+            except Exception as err:  # no such repository, gated, network error
+                raise HubDownloadError(f"{label}: {download_error(repo_id, err)}") from err
+    if offline:
+        folder = f"pretrained/clip/{repo_id.rsplit('/', 1)[-1]}"
+        err = not_cached_error(
+            repo_id, what="pretrained", folder=folder, filename=filenames[0], cache_dir=cache
+        )
+        raise NotInCacheError(f"{label}: {err}") from last
+    raise HubDownloadError(f"{label}: {download_error(repo_id, last)}") from last
+
+
+def _fetch_tag(model_name: str, tag: str, tag_cfg: dict, cache_dir: str | None) -> str:
+    """Download the weights of an open_clip tag that no cache holds (as open_clip would: the
+    hub entry first, else the URL), or fail on one line when offline."""
+    label = f"CLIP weights {model_name}/{tag}"
+    hub = tag_cfg.get("hf_hub", "")
+    if hub:
+        repo_id, filename = os.path.split(hub)
+        return _hub_file(repo_id, _tag_filenames(filename), cache_dir, label)
+    url = tag_cfg.get("url", "")
+    if not url:
+        raise FileNotFoundError(f"{label}: open_clip names no source for them; pass a local file")
+    folder = cache_dir or os.path.expanduser("~/.cache/clip")
+    if is_offline():
+        raise NotInCacheError(
+            f"{label} are not in open_clip's cache ({folder}) and {offline_reason()}: download "
+            f"{url} on a machine with a network and pass pretrained=<that file> (or put it in "
+            f"{folder})"
+        )
+    try:
+        return open_clip.pretrained.download_pretrained_from_url(url, cache_dir=cache_dir)
+    except Exception as err:  # urllib's errors, a checksum mismatch
+        raise HubDownloadError(
+            f"could not download {label} from {url} ({first_line(err)})"
+        ) from err
+
+
 def resolve_pretrained(
     model_name: str, pretrained: str | None, cache_dir: str | None = None
 ) -> tuple[str | None, dict]:
-    """Map `pretrained` to a local file without touching the network.
+    """Map `pretrained` to a local file: a file as it is; an open_clip tag or a hub id from the
+    caches, downloaded into them when missing (unless offline).
 
     Returns (path or None, the open_clip tag config or {}). Raises FileNotFoundError for a path
-    that does not exist and RuntimeError for a tag whose weights are not in a local cache.
+    that does not exist (`NotInCacheError`: offline and not cached) and `HubDownloadError`
+    when a download fails.
     """
     if pretrained is None or str(pretrained) == "":
         return None, {}
@@ -102,23 +187,35 @@ def resolve_pretrained(
     if path.is_file():
         return str(path), {}
     tag_cfg = open_clip.get_pretrained_cfg(model_name, str(pretrained))
-    if not tag_cfg:
-        tags = open_clip.list_pretrained_tags_by_model(model_name)
-        raise FileNotFoundError(
-            f"CLIP weights {pretrained!r}: no such file, and not an open_clip pretrained tag of "
-            f"{model_name!r} (known tags: {tags or 'none'}). Pass the path of a local checkpoint."
-        )
-    cached = _cached_tag_file(tag_cfg, cache_dir)
-    if cached is None:
-        source = tag_cfg.get("hf_hub") or tag_cfg.get("url") or "the open_clip hub"
-        raise RuntimeError(
-            f"CLIP weights {model_name}/{pretrained!r} are not in a local cache and cannot be "
-            f"fetched here (no network at run time). Download them where a network exists (from "
-            f"{source}) and pass the local file, e.g. pretrained=/path/to/{model_name}.pt "
-            f"(open_clip accepts a checkpoint path), or set allow_download=True on a machine "
-            f"with network access."
-        )
-    return cached, tag_cfg
+    if tag_cfg:
+        cached = _cached_tag_file(tag_cfg, cache_dir)
+        if cached is None:
+            cached = _fetch_tag(model_name, str(pretrained), tag_cfg, cache_dir)
+        return cached, tag_cfg
+    if looks_like_hub_id(str(pretrained)):
+        label = f"CLIP weights {pretrained}"
+        return _hub_file(str(pretrained), list(_HF_DEFAULT_FILES), cache_dir, label), {}
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    raise FileNotFoundError(
+        f"CLIP weights {pretrained!r}: no such file, and not an open_clip pretrained tag of "
+        f"{model_name!r} (known tags: {tags or 'none'}) nor a Hugging Face hub id. Pass the path "
+        "of a local checkpoint."
+    )
+
+
+def _hub_model_name(model_name: str, cache_dir: str | None) -> str:
+    """open_clip's `hf-hub:org/name` as it can be created now: as it is online (open_clip
+    downloads it), the cached snapshot as `local-dir:<folder>` offline."""
+    repo_id = model_name.removeprefix("hf-hub:")
+    if not is_offline():
+        return model_name
+    cache = cache_dir or hub_cache_dir()
+    folder = cached_snapshot(repo_id, cache)
+    if folder is None:
+        local = f"pretrained/clip/{repo_id.rsplit('/', 1)[-1]}"
+        then = f"pass model_name=local-dir:{local}"
+        raise not_cached_error(repo_id, folder=local, cache_dir=cache, then=then)
+    return f"local-dir:{folder}"
 
 
 def clip_preprocess(images: Tensor, size: tuple[int, int], mean: Tensor, std: Tensor) -> Tensor:
@@ -145,12 +242,15 @@ class ClipModel(nn.Module):
     """Frozen open_clip model with [-1, 1] image input and caption/tensor text input.
 
     Args:
-        model_name: open_clip architecture name (or `TINY_CLIP_NAME` for tests).
-        pretrained: None, a local checkpoint path, or an open_clip tag resolved from the caches.
+        model_name: open_clip architecture name (or `TINY_CLIP_NAME` for tests), or
+            `hf-hub:org/name` / `local-dir:<folder>` (open_clip's schemas).
+        pretrained: None, a local checkpoint path, an open_clip tag or a hub id holding
+            open_clip weights (`resolve_pretrained`: cached, else downloaded unless offline).
         image_size: override the architecture's input size (random-init/tests, or a checkpoint
             whose positional embedding open_clip resizes).
-        cache_dir: where to look for cached tag weights (open_clip's `cache_dir`).
-        allow_download: pass a tag straight to open_clip, which downloads it (needs network).
+        cache_dir: where the tag weights are cached (open_clip's `cache_dir`; default: the
+            Hugging Face cache, `~/.cache/clip` for URL tags).
+        allow_download: deprecated and ignored (tags download unless offline).
     """
 
     def __init__(
@@ -159,19 +259,23 @@ class ClipModel(nn.Module):
         pretrained: str | None = None,
         image_size: int | None = None,
         cache_dir: str | None = None,
-        allow_download: bool = False,
+        allow_download: bool | None = None,
     ) -> None:
         super().__init__()
-        self.model_name = model_name
-        if model_name.startswith("hf-hub:") and not allow_download:
-            raise RuntimeError(
-                f"CLIP {model_name!r} would be fetched from the Hugging Face hub, which is not "
-                "reachable here. Use an open_clip architecture name with pretrained=<local "
-                f"file>, or 'local-dir:<folder>' holding open_clip_config.json and the weights."
+        if allow_download is not None:
+            warnings.warn(
+                "ClipModel(allow_download=...) is deprecated and ignored: open_clip tags are "
+                "downloaded into the cache unless HF_HUB_OFFLINE=1",
+                FutureWarning,
+                stacklevel=2,
             )
+        self.model_name = model_name
         kwargs: dict = {"force_image_size": image_size} if image_size else {}
-        if allow_download or model_name.startswith(("local-dir:", "hf-hub:")):
-            source, tag_cfg = pretrained, {}
+        create_name = model_name
+        if model_name.startswith("hf-hub:"):
+            create_name, source, tag_cfg = _hub_model_name(model_name, cache_dir), None, {}
+        elif model_name.startswith("local-dir:"):
+            source, tag_cfg = None, {}
         else:
             source, tag_cfg = resolve_pretrained(model_name, pretrained, cache_dir)
         if tag_cfg.get("quick_gelu"):
@@ -180,15 +284,23 @@ class ClipModel(nn.Module):
         if tag_pre:
             kwargs["force_preprocess_cfg"] = tag_pre
 
-        if source is not None and os.path.isfile(source) and _is_torchscript(source):
-            # OpenAI's release files (ViT-B-32.pt): open_clip rebuilds the model from the archive
-            model = open_clip.load_openai_model(source, precision="fp32", device="cpu")
-        else:
-            model = open_clip.create_model(
-                model_name, pretrained=source, cache_dir=cache_dir, **kwargs
-            )
+        tok_name = create_name
+        if not create_name.startswith(("hf-hub:", "local-dir:")):
+            tok_name = create_name.replace("/", "-")
+        try:
+            if source is not None and os.path.isfile(source) and _is_torchscript(source):
+                # OpenAI's release files (ViT-B-32.pt): open_clip rebuilds it from the archive
+                model = open_clip.load_openai_model(source, precision="fp32", device="cpu")
+            else:
+                model = open_clip.create_model(
+                    create_name, pretrained=source, cache_dir=cache_dir, **kwargs
+                )
+            self.tokenizer = open_clip.get_tokenizer(tok_name)
+        except OSError as err:
+            if not create_name.startswith("hf-hub:"):
+                raise
+            raise download_error(create_name.removeprefix("hf-hub:"), err) from err
         self.model = model.eval().requires_grad_(False)
-        self.tokenizer = open_clip.get_tokenizer(model_name.replace("/", "-"))
 
         pre = getattr(model.visual, "preprocess_cfg", None) or {}
         mean, std = pre.get("mean", OPENAI_DATASET_MEAN), pre.get("std", OPENAI_DATASET_STD)

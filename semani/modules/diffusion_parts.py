@@ -7,8 +7,9 @@ Everything here is diffusers / transformers classes; nothing is re-implemented.
 - `tiny_inpaint_components`: seeded tiny random components in the SD-1.5 layout (VAE factor 8,
   9-channel inpainting UNet or 4-channel text-to-image UNet) for tests and benchmarks.
 - `load_inpaint_components` / `load_sd_components`: components from a diffusers folder
-  (`model_index.json`), a hub name already in the local cache, or a single-file checkpoint;
-  never touches the network.
+  (`model_index.json`), a Hugging Face hub id (downloaded by diffusers into the hub cache, or
+  read from it when offline: `HF_HUB_OFFLINE=1`, see `semani.utils.hub`), or a single-file
+  checkpoint.
 - `encode_text`, `encode_image`, `decode_latents`, `latent_mask`, `vae_scale_factor`: the few
   operations that the editors (`semani.manipulation.diff_editor`, `.blended`) and the training
   module share, with diffusers' Stable-Diffusion conventions (scaling factor, padding).
@@ -23,7 +24,6 @@ import importlib
 import json
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +32,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from semani.utils.hub import (
+    download_error,
+    first_line,
+    hub_cache_dir,
+    looks_like_hub_id,
+    not_cached_error,
+    offline_scope,
+)
 
 log = logging.getLogger(__name__)
 
@@ -307,12 +316,7 @@ def tiny_inpaint_components(
 # ---------------------------------------------------------------------------------------------
 # loading
 
-_HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")
 _SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
-_NO_NETWORK = (
-    "No network is available here: download it elsewhere (`huggingface-cli download <name> "
-    "--local-dir <folder>`, or `pipe.save_pretrained(<folder>)` in diffusers) and pass that folder"
-)
 
 
 def _load_folder(folder: Path, torch_dtype: torch.dtype | None) -> dict[str, Any]:
@@ -346,21 +350,47 @@ def _load_single_file(
     from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
     cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
-    kwargs: dict[str, Any] = {"local_files_only": True, "safety_checker": None}
+    kwargs: dict[str, Any] = {"safety_checker": None}
     if config is not None:
         kwargs["config"] = str(config)
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
-    try:
-        pipe = cls.from_single_file(str(path), **kwargs)
-    except Exception as err:  # diffusers raises several types when the configs are not local
-        raise OSError(
-            f"could not read the single-file checkpoint {path} offline ({type(err).__name__}: "
-            f"{err}). A single file holds weights only: pass config=<a diffusers folder with the "
-            "same architecture's model_index.json and component configs>. " + _NO_NETWORK
-        ) from err
+    with offline_scope() as offline:
+        try:
+            pipe = cls.from_single_file(str(path), local_files_only=offline, **kwargs)
+        except Exception as err:  # diffusers raises several types when configs are not found
+            how = (
+                "offline, the configs must be local or cached"
+                if offline
+                else "diffusers fetches the matching configs from the Hugging Face hub"
+            )
+            raise OSError(
+                f"could not read the single-file checkpoint {path} ({first_line(err)}). A "
+                f"single file holds weights only ({how}): pass config=<a diffusers folder, or a "
+                "hub id, of the same architecture (model_index.json and the component configs)>"
+            ) from err
     log.info("loaded %s from the single file %s", cls.__name__, path)
     return {name: getattr(pipe, name) for name in COMPONENTS}
+
+
+def _download(repo_id: str, what: str | None) -> Path:
+    """The local snapshot of a hub pipeline: diffusers downloads what the pipeline needs into
+    the hub cache (its progress bars; the root single-file checkpoints are skipped), or, offline,
+    finds it there."""
+    from diffusers import DiffusionPipeline
+
+    cache_dir = hub_cache_dir()
+    with offline_scope() as offline:
+        try:
+            folder = DiffusionPipeline.download(
+                repo_id, cache_dir=cache_dir, local_files_only=offline
+            )
+        except Exception as err:
+            if offline:
+                raise not_cached_error(repo_id, what=what, cache_dir=cache_dir) from err
+            raise download_error(repo_id, err, what) from err
+    log.info("%s: %s (Hugging Face cache)", repo_id, folder)
+    return Path(folder)
 
 
 def load_sd_components(
@@ -369,24 +399,28 @@ def load_sd_components(
     inpaint: bool = True,
     config: str | os.PathLike | None = None,
     torch_dtype: torch.dtype | None = None,
+    what: str | None = None,
 ) -> dict[str, Any]:
-    """Stable-Diffusion components from a folder, a cached hub name or a single file, offline.
+    """Stable-Diffusion components from a folder, a Hugging Face hub id or a single file.
 
     Args:
         source: a diffusers folder (`model_index.json` layout, what
-            `StableDiffusion[Inpaint]Pipeline.save_pretrained` writes); a hub name such as
-            "stable-diffusion-v1-5/stable-diffusion-inpainting" (only if it is in the local
-            Hugging Face cache); or a single-file checkpoint (`.ckpt`, `.safetensors`) read with
-            diffusers' `from_single_file`.
+            `StableDiffusion[Inpaint]Pipeline.save_pretrained` writes); a hub id such as
+            "stabilityai/stable-diffusion-2-inpainting" (diffusers downloads it into the hub
+            cache, or reads it from there when offline, `HF_HUB_OFFLINE=1`); or a single-file
+            checkpoint (`.ckpt`, `.safetensors`) read with diffusers' `from_single_file`.
         inpaint: for single files, read an inpainting (9-channel) or a text-to-image model.
-        config: for single files, the diffusers folder (or cached hub name) whose configs
-            describe the architecture.
+        config: for single files, the diffusers folder (or hub id) whose configs describe the
+            architecture.
         torch_dtype: load the models in this dtype.
+        what: the config key `source` came from (e.g. "editor.source"), for error messages.
     Returns:
         {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} (the source's own classes,
         not frozen, on the CPU).
     Raises:
-        FileNotFoundError naming the path (or hub name) and what to pass instead.
+        FileNotFoundError naming the path (or hub id) and what to pass instead
+        (`semani.utils.hub.NotInCacheError` offline); `semani.utils.hub.HubDownloadError` when
+        the hub refuses or fails.
     """
     text = os.fspath(source)
     path = Path(text).expanduser()
@@ -401,20 +435,12 @@ def load_sd_components(
         return _load_single_file(path, config, inpaint, torch_dtype)
     if path.suffix in _SINGLE_FILE_SUFFIXES:
         raise FileNotFoundError(f"no checkpoint file {path} (absolute: {path.resolve()})")
-    if _HUB_NAME.fullmatch(text) and not text.startswith("."):
-        from huggingface_hub import snapshot_download
-
-        try:
-            cached = snapshot_download(text, local_files_only=True)
-        except Exception as err:  # LocalEntryNotFoundError and friends
-            raise FileNotFoundError(
-                f"{text!r} is neither a folder ({path.resolve()} does not exist) nor a model in "
-                f"the local Hugging Face cache ({type(err).__name__}). " + _NO_NETWORK
-            ) from err
-        return _load_folder(Path(cached), torch_dtype)
+    if looks_like_hub_id(text):
+        return _load_folder(_download(text, what), torch_dtype)
     raise FileNotFoundError(
         f"no such folder {path} (absolute: {path.resolve()}); pass the folder of a diffusers "
-        "pipeline save (model_index.json, unet/, vae/, ...) or a single-file checkpoint"
+        "pipeline save (model_index.json, unet/, vae/, ...), a Hugging Face hub id "
+        "(org/name) or a single-file checkpoint"
     )
 
 
@@ -423,9 +449,12 @@ def load_inpaint_components(
     *,
     config: str | os.PathLike | None = None,
     torch_dtype: torch.dtype | None = None,
+    what: str | None = None,
 ) -> dict[str, Any]:
     """`load_sd_components` for an inpainting model (SD-inpainting's 9-channel UNet)."""
-    return load_sd_components(source, inpaint=True, config=config, torch_dtype=torch_dtype)
+    return load_sd_components(
+        source, inpaint=True, config=config, torch_dtype=torch_dtype, what=what
+    )
 
 
 # ---------------------------------------------------------------------------------------------

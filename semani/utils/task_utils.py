@@ -57,7 +57,13 @@ def _close_wandb() -> None:
 
 
 def extras(cfg: DictConfig) -> None:
-    """Apply ``cfg.extras``: silence warnings, require tags, print and save the config tree."""
+    """Apply ``cfg.offline`` (``HF_HUB_OFFLINE=1`` before anything is loaded: hub ids and
+    open_clip tags are read from the caches only) and ``cfg.extras``: silence warnings, require
+    tags, print and save the config tree."""
+    if cfg.get("offline"):
+        from semani.utils.hub import set_offline
+
+        set_offline()
     if not cfg.get("extras"):
         return
     if cfg.extras.get("ignore_warnings"):

@@ -4,6 +4,7 @@
 |---|---|---|
 | ``mask2former`` | ``Mask2FormerSegmenter`` | transformers' Mask2Former / OneFormer, panoptic |
 | ``sam`` | ``SamSegmenter`` | SAM's automatic mask generation + mask NMS |
+| ``grounding_sam`` | ``GroundingSamSegmenter`` | GroundingDINO boxes for the word -> SAM masks |
 | ``entityseg`` | ``EntitySegSegmenter`` | CropFormer (the paper's), needs detectron2 |
 | ``ovseg`` | ``OVSegSegmenter`` | OVSeg's MaskFormer (SeMani-Diff's), its detectron2 checkpoint |
 | ``ground_truth`` | ``GroundTruthSegmenter`` | the data set's entity masks, with names |
@@ -54,6 +55,7 @@ __all__ = [
 SEGMENTERS: dict[str, str] = {
     "mask2former": "semani.alignment.segmenters.mask2former.Mask2FormerSegmenter",
     "sam": "semani.alignment.segmenters.sam.SamSegmenter",
+    "grounding_sam": "semani.alignment.segmenters.grounding_sam.GroundingSamSegmenter",
     "entityseg": "semani.alignment.segmenters.entityseg.EntitySegSegmenter",
     "ovseg": "semani.alignment.segmenters.ovseg.OVSegSegmenter",
     "ground_truth": "semani.alignment.segmenters.ground_truth.GroundTruthSegmenter",

@@ -8,9 +8,8 @@ processor are transformers'; the panoptic inference is the original Mask2Former'
 that breaks class-agnostic models, see there). Each segment is one proposal, its score the
 query's class probability; the class is dropped. Segments do not overlap, so no NMS is needed.
 
-Get a model folder with e.g.
-``huggingface-cli download facebook/mask2former-swin-large-coco-panoptic
---local-dir pretrained/mask2former-swin-large-coco-panoptic``.
+Get a model folder with ``python scripts/download_weights.py --only mask2former`` (into
+``pretrained/mask2former-swin-large-coco-panoptic``), or pass the hub id.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from semani.alignment.segmenters.common import (
     image_size,
     to_uint8_image,
 )
-from semani.alignment.segmenters.hf_loading import from_pretrained
+from semani.alignment.segmenters.hf_loading import from_pretrained, warn_allow_download
 from semani.alignment.types import EntityProposals
 from semani.modules.panoptic import panoptic_segments
 
@@ -36,8 +35,9 @@ log = logging.getLogger(__name__)
 __all__ = ["Mask2FormerSegmenter", "panoptic_proposals"]
 
 HOW_TO_GET = (
-    "Get one with `huggingface-cli download facebook/mask2former-swin-large-coco-panoptic "
-    "--local-dir <folder>` (any Mask2Former or OneFormer universal-segmentation model works), "
+    "Get one with `python scripts/download_weights.py --only mask2former` (into "
+    "pretrained/mask2former-swin-large-coco-panoptic; any Mask2Former or OneFormer "
+    "universal-segmentation model works), "
     "or train the class-agnostic ShapesWorld one: `python train.py experiment=entityseg_shapes` "
     "(it exports pretrained/entityseg_shapes)."
 )
@@ -47,7 +47,8 @@ class Mask2FormerSegmenter:
     """Class-agnostic panoptic proposals from a Mask2Former / OneFormer folder.
 
     model_name_or_path: a ``save_pretrained`` folder (config, weights, preprocessor config) or a
-        hub name in the local cache. allow_download: let transformers fetch a hub name.
+        hub id (transformers downloads it into the Hugging Face cache; offline, reads it there).
+        allow_download: deprecated and ignored (a hub id is always downloaded unless offline).
     device: where the model runs. threshold: a query becomes a segment when its best non-null
         class probability exceeds this. mask_threshold: probability that binarises a query's
         mask. overlap_mask_area_threshold: a query keeps its segment only if at least this
@@ -60,7 +61,7 @@ class Mask2FormerSegmenter:
     def __init__(
         self,
         model_name_or_path: str | Path,
-        allow_download: bool = False,
+        allow_download: bool | None = None,
         device: str = "cpu",
         threshold: float = 0.5,
         mask_threshold: float = 0.5,
@@ -72,11 +73,12 @@ class Mask2FormerSegmenter:
     ) -> None:
         from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
 
+        warn_allow_download(allow_download)
         self.threshold, self.mask_threshold = threshold, mask_threshold
         self.overlap_mask_area_threshold = overlap_mask_area_threshold
         self.min_area_frac, self.max_proposals = min_area_frac, max_proposals
         self.task, self.device = task, torch.device(device)
-        config = from_pretrained(AutoConfig, model_name_or_path, allow_download, HOW_TO_GET)
+        config = from_pretrained(AutoConfig, model_name_or_path, how_to_get=HOW_TO_GET)
         self.is_oneformer = config.model_type == "oneformer"
         if self.is_oneformer:
             from transformers import OneFormerForUniversalSegmentation as model_cls
@@ -92,9 +94,9 @@ class Mask2FormerSegmenter:
                 "segmenter takes Mask2Former or OneFormer universal-segmentation models"
             )
         self.processor = from_pretrained(
-            proc_cls, model_name_or_path, allow_download, HOW_TO_GET, **(processor_kwargs or {})
+            proc_cls, model_name_or_path, how_to_get=HOW_TO_GET, **(processor_kwargs or {})
         )
-        model = from_pretrained(model_cls, model_name_or_path, allow_download, HOW_TO_GET)
+        model = from_pretrained(model_cls, model_name_or_path, how_to_get=HOW_TO_GET)
         self.model = model.to(self.device).eval().requires_grad_(False)
         log.info(
             "loaded %s from %s (%.1fM parameters, %d queries) on %s",

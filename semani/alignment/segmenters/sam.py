@@ -16,8 +16,8 @@ written out for one image without crops:
 4. ``finalize_proposals``: masks at the image's size, ``min_area_frac``, sorted by predicted IoU,
    at most ``max_proposals``.
 
-Get weights with e.g. ``huggingface-cli download facebook/sam-vit-base --local-dir
-pretrained/sam-vit-base``.
+Get weights with ``python scripts/download_weights.py --only sam-vit-base`` (into
+``pretrained/sam-vit-base``), or pass the hub id.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from semani.alignment.segmenters.common import (
     suppress_overlaps,
     to_uint8_image,
 )
-from semani.alignment.segmenters.hf_loading import from_pretrained
+from semani.alignment.segmenters.hf_loading import from_pretrained, warn_allow_download
 from semani.alignment.types import EntityProposals
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 __all__ = ["SamSegmenter", "point_grid"]
 
 HOW_TO_GET = (
-    "Get one with `huggingface-cli download facebook/sam-vit-base --local-dir <folder>` "
-    "(sam-vit-large and sam-vit-huge work the same way)."
+    "Get one with `python scripts/download_weights.py --only sam-vit-base` (into "
+    "pretrained/sam-vit-base; sam-vit-large and sam-vit-huge work the same way)."
 )
 
 
@@ -69,7 +69,7 @@ class SamSegmenter:
     def __init__(
         self,
         model_name_or_path: str | Path,
-        allow_download: bool = False,
+        allow_download: bool | None = None,
         device: str = "cpu",
         points_per_side: int = 32,
         points_per_batch: int = 64,
@@ -85,6 +85,7 @@ class SamSegmenter:
     ) -> None:
         from transformers import SamModel, SamProcessor
 
+        warn_allow_download(allow_download)  # deprecated: hub ids download unless offline
         if points_per_side < 1 or points_per_batch < 1:
             raise ValueError("points_per_side and points_per_batch must be >= 1")
         self.device = torch.device(device)
@@ -96,10 +97,8 @@ class SamSegmenter:
         self.nms_iou_thresh, self.containment_thresh = nms_iou_thresh, containment_thresh
         self.nms_size = nms_size
         self.min_area_frac, self.max_proposals = min_area_frac, max_proposals
-        self.processor = from_pretrained(
-            SamProcessor, model_name_or_path, allow_download, HOW_TO_GET
-        )
-        model = from_pretrained(SamModel, model_name_or_path, allow_download, HOW_TO_GET)
+        self.processor = from_pretrained(SamProcessor, model_name_or_path, how_to_get=HOW_TO_GET)
+        model = from_pretrained(SamModel, model_name_or_path, how_to_get=HOW_TO_GET)
         self.model = model.to(self.device).eval().requires_grad_(False)
         log.info(
             "loaded SAM from %s (%.1fM parameters) on %s; %d x %d point grid",
