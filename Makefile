@@ -41,17 +41,15 @@ test-all: $(VENV)/.installed-notebooks
 	$(PY) -m ruff check .
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q -m "" $(PYTEST_ARGS)
 
-# The main job on the embedded default: make ShapesWorld, train the VQGAN on CPU, report the
-# reconstruction error before and after training, and where the checkpoint and samples went.
+# The main job on the embedded default (scripts/shapes_models.py --preset quickstart): make
+# ShapesWorld, train the smallest set of ShapesWorld models an entity-level SeMani-Diff edit
+# needs (two stages side by side, one thread each; each command printed before it runs; rerun
+# to resume), then find a named entity on held-out images and recolour it with the trained and
+# the untrained models: logs/quickstart/report.{md,json} and edits.png.
+QUICKSTART_ARGS ?=
 quickstart: install
-	test -f $(SHAPES)/train/filenames.pickle || \
-	  $(PY) scripts/make_shapes.py --out $(SHAPES) --n-train 2000 --n-test 200 --size 64 --seed 0
-	rm -rf logs/quickstart/vqgan_shapes
-	$(PY) train.py experiment=vqgan_shapes data.root=$(SHAPES) hydra.run.dir=logs/quickstart/vqgan_shapes
-	mkdir -p pretrained/vqgan_shapes
-	cp logs/quickstart/vqgan_shapes/checkpoints/last.ckpt pretrained/vqgan_shapes/last.ckpt
-	@echo "VQGAN checkpoint: pretrained/vqgan_shapes/last.ckpt (run: logs/quickstart/vqgan_shapes)"
-	@echo "input/reconstruction grids: logs/quickstart/vqgan_shapes/csv/version_0/images/{train,val}/"
+	OMP_NUM_THREADS=1 $(PY) scripts/shapes_models.py --preset quickstart --data $(SHAPES) \
+	  $(QUICKSTART_ARGS)
 
 lint: install
 	$(PY) -m ruff check .

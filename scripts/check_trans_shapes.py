@@ -20,7 +20,8 @@ The other two are read off the pixels with the generator's palette (``semani.dat
   mask, the new colour covers more pixels than the old one; ``outside_l2`` is the mean squared
   difference (images in [-1, 1]), outside the token mask's pixels, between the edit and the VQGAN
   reconstruction of the unedited tokens (forced tokens are equal: only the decoder's receptive
-  field lets an edit bleed out).
+  field lets an edit bleed out). ``--unguided`` also makes each edit without the grayscale
+  tokens (``edit_success_unguided``): the entity's shape is then free to change too.
 """
 
 from __future__ import annotations
@@ -91,6 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--min-frac", type=float, default=0.01)
     p.add_argument("--filter-thres", type=float, default=0.9)
     p.add_argument("--out", default=None, help="write sample grids (PNG) into this folder")
+    p.add_argument(
+        "--unguided",
+        action="store_true",
+        help="also recolour without grayscale vision guidance (edit_success_unguided)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(args.seed)
@@ -139,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     editor = TransTokenEditor(gpt, vqgan, tok, filter_thres=args.filter_thres)
     success, edits, outside = 0, 0, []
     edited_images = []
+    unguided = 0
     for i in range(n):
         s, e = samples[i], ents[i][0]
         used = {x["color"] for x in ents[i]}
@@ -160,6 +167,14 @@ def main(argv: list[str] | None = None) -> dict:
         old_px = colour_fraction(out[None], tuple(e["rgb"]), args.radius)[0][pix_mask].sum()
         success += int(new_px > old_px)
         edits += 1
+        if args.unguided:  # the same edit without the grayscale tokens of the entity
+            _, free = editor.edit_tokens(s["image"], mask, text, gray_guidance=False,
+                                         seed=args.seed + i)  # fmt: skip
+            with torch.inference_mode():
+                out_free = vqgan.decode_tokens(free)[0]
+            new_free = colour_fraction(out_free[None], COLORS[new], args.radius)[0][pix_mask]
+            old_free = colour_fraction(out_free[None], tuple(e["rgb"]), args.radius)[0][pix_mask]
+            unguided += int(new_free.sum() > old_free.sum())
         up = F.interpolate(
             mask[None, None].float(), size=out.shape[-2:], mode="nearest"
         )  # (1,1,H,W)
@@ -186,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
         "edits": edits, "edit_success": round(success / max(edits, 1), 4),
         "outside_l2": round(sum(outside) / max(len(outside), 1), 5),
     }  # fmt: skip
+    if args.unguided:
+        result["edit_success_unguided"] = round(unguided / max(edits, 1), 4)
     print(json.dumps(result))
     return result
 

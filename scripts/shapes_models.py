@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from semani.callbacks.step_progress import PREFIX as PROGRESS
+from semani.callbacks.step_progress import format_seconds
 from semani.utils.atomic import replace_dir
 
 log = logging.getLogger("shapes_models")
@@ -55,6 +57,7 @@ class Stage:
     clip_key: when the composed config trains with a weightless `semani-shapes-ViT` CLIP
         (`lambda_sem > 0`), this key gets clip_shapes' installed export.
     consumers: (primary config, its overrides or None, key) that read the installed export.
+    lr_key: the learning-rate key (0 there, one step: the untrained model, same architecture).
     """
 
     name: str
@@ -65,6 +68,7 @@ class Stage:
     export_key: str | None = None
     clip_key: str | None = None
     consumers: tuple[tuple[str, str | None, str], ...] = ()
+    lr_key: str = "model.lr"
 
 
 _TABLE1 = "protocol=table1 data=shapes method="
@@ -75,7 +79,8 @@ _EVALS = (_DIFF, _TRANS, _BLENDED)
 # in dependency order: every input comes from an earlier stage
 STAGES: tuple[Stage, ...] = (
     Stage("vqgan_shapes", "checkpoints/last.ckpt", "vqgan_shapes/last.ckpt",
-          consumers=(("train", "experiment=semani_trans_shapes", "model.vqgan.ckpt_path"),)),
+          consumers=(("train", "experiment=semani_trans_shapes", "model.vqgan.ckpt_path"),),
+          lr_key="model.learning_rate"),
     Stage("clip_shapes", "clip/open_clip_model.pt", f"clip/{SHAPES_CLIP}.pt",
           consumers=(*((("eval", e, "alignment.scorer.pretrained")) for e in _EVALS),
                      ("eval", _DIFF, "metrics.clip_pretrained"),
@@ -83,7 +88,7 @@ STAGES: tuple[Stage, ...] = (
                      ("app", None, "shapes.alignment.scorer.pretrained"))),
     Stage("semani_trans_shapes", "checkpoints/last.ckpt", "semani_trans_shapes/last.ckpt",
           inputs=(("model.vqgan.ckpt_path", "vqgan_shapes"),), clip_key="model.clip.pretrained",
-          consumers=(("eval", _TRANS, "editor.ckpt"),)),
+          consumers=(("eval", _TRANS, "editor.ckpt"),), lr_key="model.optimizer.lr"),
     Stage("mask_prompt_shapes", "mask_prompt/mask_prompt.pt", "mask_prompt_shapes/mask_prompt.pt",
           inputs=(("model.pretrained", "clip_shapes"),),
           consumers=(("eval", _DIFF, "alignment.scorer.mask_prompt"),
@@ -91,7 +96,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("entityseg_shapes", "entityseg_hf", "entityseg_shapes", export_key="model.export_dir",
           consumers=(*((("eval", e, "alignment.segmenter.model_name_or_path")) for e in _EVALS),
                      ("eval", "protocol=alignment data=shapes", "study.entityseg"),
-                     ("app", None, "shapes.alignment.segmenter.model_name_or_path"))),
+                     ("app", None, "shapes.alignment.segmenter.model_name_or_path")),
+          lr_key="model.optimizer.lr"),
     Stage("classifier_shapes", "classifier/shapes_classifier.pt",
           "classifier/shapes_classifier.pt",
           consumers=(("eval", _DIFF, "metrics.classifier.path"),)),
@@ -106,6 +112,54 @@ STAGES: tuple[Stage, ...] = (
                      ("app", None, "shapes.editor.source"))),
 )  # fmt: skip
 STAGE_BY_NAME = {s.name: s for s in STAGES}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What one command makes: its stages (with overrides of their own) and how it is measured.
+
+    report: "main_job" (`semani.evaluation.main_job`: find a named entity and recolour it with
+    the trained and the untrained models) or "summary" (every stage's own figure against the
+    same model untrained, and Table I).
+    """
+
+    name: str
+    stages: tuple[str, ...]
+    overrides: dict[str, tuple[str, ...]]
+    logs: str
+    pretrained: str
+    report: str
+
+
+# the main job on the embedded default within minutes on 2 CPU cores (make quickstart): each
+# stage a quick scale of its experiment, no validation during training
+_QUICK_COMMON = ("trainer.limit_val_batches=0", "validate_first=false", "test=false",
+                 "callbacks.image_logger=null")  # fmt: skip
+PRESETS = {
+    "full": Preset("full", tuple(STAGE_BY_NAME), {}, "logs/shapes_models", "pretrained",
+                   "summary"),
+    "quickstart": Preset(
+        "quickstart",
+        # the order the two lanes pick them in: the longest chain (VAE -> UNet) first
+        ("vae_shapes", "entityseg_shapes", "semani_diff_shapes", "clip_shapes",
+         "mask_prompt_shapes"),
+        {
+            "vae_shapes": ("trainer.max_steps=1500", *_QUICK_COMMON),
+            "entityseg_shapes": ("trainer.max_steps=1500", *_QUICK_COMMON),
+            # only the main job's task: every mask one entity, captioned with that entity
+            # alone; an EMA of decay 0.999 would still hold the first steps' weights
+            "semani_diff_shapes": ("trainer.max_steps=3000", "model.use_ema=false",
+                                   "model.masks.entity=1.0", "model.masks.box=0",
+                                   "model.masks.stroke=0", "model.masks.entity_union=0",
+                                   "data.entity_captions=1.0", *_QUICK_COMMON),
+            "clip_shapes": ("trainer.max_steps=250", *_QUICK_COMMON),
+            "mask_prompt_shapes": ("trainer.max_epochs=3", *_QUICK_COMMON),
+        },
+        "logs/quickstart",
+        "pretrained/quickstart",
+        "main_job",
+    ),
+}  # fmt: skip
 
 
 @dataclass
@@ -180,6 +234,17 @@ def install(src: Path, dest: Path) -> None:
 def _threads() -> str:
     """OMP_NUM_THREADS for the trainings: 1 unless set (small CPU models lose with more)."""
     return os.environ.get("OMP_NUM_THREADS", "1")
+
+
+def start_command(cmd: Sequence[str], log_path: Path) -> tuple[subprocess.Popen, Any]:
+    """Start `cmd` with stdout and stderr appended to `log_path` (and OMP_NUM_THREADS);
+    (the process, the open log file)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": _threads()}
+    out = log_path.open("a")
+    out.write(f"\n### {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(cmd)}\n")
+    out.flush()
+    return subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, env=env), out
 
 
 def run_command(cmd: Sequence[str], log_path: Path) -> int:
@@ -269,10 +334,20 @@ def decide(
 # ------------------------------------------------------------------------------------- plan
 
 
-def make_plans(args: argparse.Namespace, selected: list[Stage]) -> list[Plan]:
+UNTRAINED = ("trainer.max_steps=1", "trainer.limit_val_batches=0", "validate_first=false",
+             "test=false", "callbacks.image_logger=null")  # fmt: skip
+
+
+def make_plans(
+    args: argparse.Namespace, selected: list[Stage], untrained: bool = False
+) -> list[Plan]:
     """One `Plan` per selected stage, in dependency order; raises SystemExit on a missing
-    input that no selected stage makes."""
+    input that no selected stage makes. `untrained`: the same stages for one step at learning
+    rate 0 (the initial weights, exported as a trained run's), under `<pretrained>/untrained`
+    and `<logs>/untrained`."""
     pretrained, logs = args.pretrained_dir, args.logs_dir
+    if untrained:
+        pretrained, logs = pretrained / "untrained", logs / "untrained"
     dest = {s.name: pretrained / s.install for s in STAGES}
     info = args.data / "shapesworld.json"
     n_train = json.loads(info.read_text())["n_train"] if info.is_file() else DATA_N_TRAIN
@@ -288,19 +363,26 @@ def make_plans(args: argparse.Namespace, selected: list[Stage]) -> list[Plan]:
             f"data.root={_value(args.data)}",
             f"paths.pretrained_dir={_value(pretrained)}",
         ]
+        # on a GPU every preset trains at its experiments' own (full-size) scale
+        preset = [] if args.device == "cuda" else list(args.preset.overrides.get(stage.name, ()))
+        if args.device == "cuda":
+            base.append("trainer=gpu")
+        if untrained:
+            preset = [*UNTRAINED, f"{stage.lr_key}=0"]
         inputs = list(stage.inputs)
         cross = [f"{key}={_value(dest[src])}" for key, src in inputs]
         if stage.export_key:
             cross.append(f"{stage.export_key}={_value(run_dir / stage.export)}")
-        cfg = compose(stage.name, [*base, *cross, *stage.extra, *user])  # checks every key
+        cfg = compose(stage.name, [*base, *cross, *stage.extra, *preset, *user])  # checks keys
         if stage.clip_key and uses_shapes_clip(cfg):
             inputs.append((stage.clip_key, "clip_shapes"))
             cross.append(f"{stage.clip_key}={_value(dest['clip_shapes'])}")
-        # the scaled steps replace any steps the user gave
-        steps = scaled_steps(cfg, args.steps_scale, n_train)
+        # the scaled steps replace any steps the preset or the user gave
+        steps = [] if untrained else scaled_steps(cfg, args.steps_scale, n_train)
         keys = {s.split("=", 1)[0] for s in steps}
+        preset = [o for o in preset if o.split("=", 1)[0].lstrip("+~") not in keys]
         user = [o for o in user if o.split("=", 1)[0].lstrip("+~") not in keys]
-        overrides = [*base, *cross, *stage.extra, *steps, *user]
+        overrides = [*base, *cross, *stage.extra, *preset, *steps, *user]
         needs = [src for _, src in inputs]
         for src in needs:
             if src not in names and not dest[src].exists():
@@ -335,6 +417,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
+        "--preset",
+        default="full",
+        choices=sorted(PRESETS),
+        help="full: every stage at its experiment's scale, then the summary; quickstart: the "
+        "main job's stages at a quick scale, then its report",
+    )
+    p.add_argument(
         "--data",
         type=Path,
         default=Path("data/shapes"),
@@ -343,7 +432,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         default=None,
-        help=f"comma-separated stages (default: all): {','.join(STAGE_BY_NAME)}",
+        help=f"comma-separated stages (default: the preset's): {','.join(STAGE_BY_NAME)}",
     )
     p.add_argument(
         "--steps-scale",
@@ -351,20 +440,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=1.0,
         help="multiply every stage's trainer.max_steps (0.01: a smoke run)",
     )
+    p.add_argument("--jobs", type=int, default=None,
+                   help="stages run side by side (1 thread each; default 2 on the CPU, 1 on a "
+                   "GPU)")  # fmt: skip
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="auto: a CUDA GPU when there is one (trainer=gpu, every stage at its experiment's "
+        "own scale, one at a time), else the CPU with the preset's scale",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--force", action="store_true", help="remake installed exports too")
-    p.add_argument(
-        "--pretrained-dir",
-        type=Path,
-        default=Path(os.environ.get("SEMANI_ROOT", ".")) / "pretrained",
-        help="where the exports are installed (paths.pretrained_dir)",
-    )
-    p.add_argument(
-        "--logs-dir",
-        type=Path,
-        default=Path("logs/shapes_models"),
-        help="run folders <logs>/<stage> and logs <logs>/<stage>.log",
-    )
+    p.add_argument("--no-report", action="store_true", help="train and install only")
+    p.add_argument("--report-n", type=int, default=100, help="test images of the main-job report")
+    p.add_argument("--pretrained-dir", type=Path, default=None,
+                   help="where the exports are installed (paths.pretrained_dir; default: the "
+                   "preset's, under SEMANI_ROOT)")  # fmt: skip
+    p.add_argument("--logs-dir", type=Path, default=None,
+                   help="run folders <logs>/<stage> and logs <logs>/<stage>.log (default: the "
+                   "preset's)")  # fmt: skip
     p.add_argument(
         "--set",
         action="append",
@@ -374,26 +469,142 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides for every stage")
     args = p.parse_args(argv)
+    args.preset = PRESETS[args.preset]
+    root = Path(os.environ.get("SEMANI_ROOT", "."))
+    args.pretrained_dir = args.pretrained_dir or root / args.preset.pretrained
+    args.logs_dir = args.logs_dir or Path(args.preset.logs)
     for opt in ("data", "pretrained_dir", "logs_dir"):
         setattr(args, opt, getattr(args, opt).expanduser().resolve())
     if args.steps_scale <= 0:
         p.error("--steps-scale must be > 0")
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.jobs is None:
+        args.jobs = 1 if args.device == "cuda" else 2
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
     for item in args.set:
         if item.split(":", 1)[0] not in STAGE_BY_NAME or "=" not in item:
             p.error(f"--set {item!r}: want STAGE:KEY=VALUE with a stage of {list(STAGE_BY_NAME)}")
-    only = args.only.split(",") if args.only else list(STAGE_BY_NAME)
+    only = args.only.split(",") if args.only else list(args.preset.stages)
     unknown = [n for n in only if n not in STAGE_BY_NAME]
     if unknown:
         p.error(f"unknown stage(s) {unknown}: the stages are {list(STAGE_BY_NAME)}")
-    args.stages = [s for s in STAGES if s.name in only]
+    order = [n for n in args.preset.stages if n in only] + [
+        n for n in only if n not in args.preset.stages
+    ]
+    args.stages = sorted((s for s in STAGES if s.name in only), key=lambda s: order.index(s.name))
     return args
 
 
 def _table(rows: list[tuple[str, str, float, str]]) -> str:
     w = max(len(r[0]) for r in rows)
-    lines = [f"{'stage':<{w}}  {'status':<10}  {'seconds':>8}  export"]
-    lines += [f"{n:<{w}}  {s:<10}  {t:>8.1f}  {p}" for n, s, t, p in rows]
+    lines = [f"{'stage':<{w}}  {'status':<10}  {'time':>8}  export"]
+    lines += [f"{n:<{w}}  {s:<10}  {format_seconds(t):>8}  {p}" for n, s, t, p in rows]
     return "\n".join(lines)
+
+
+def _last_progress(log_path: Path) -> str:
+    """The last `progress:` line a stage's StepProgress wrote to its log ("" if none yet)."""
+    try:
+        with log_path.open("rb") as f:
+            f.seek(max(0, log_path.stat().st_size - 20000))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [ln for ln in tail.replace("\r", "\n").splitlines() if ln.startswith(PROGRESS)]
+    return lines[-1][len(PROGRESS) :].strip() if lines else ""
+
+
+def run_plans(plans: list[Plan], args: argparse.Namespace, label: str = "") -> tuple[list, Any]:
+    """Run the plans, up to `args.jobs` side by side, each as soon as the stages it reads are
+    installed; print each command before it starts, a status line per running stage every
+    30 s, and one line per finished stage. Returns (rows, failure or None)."""
+    rows: list[tuple[str, str, float, str]] = []
+    failed: tuple[str, str] | None = None
+    pending = list(plans)
+    done = {p.stage.name for p in plans if p.action == "skip"}
+    for plan in plans:
+        if plan.action == "skip":
+            rows.append((plan.stage.name, "skipped", 0.0, _show(plan.dest)))
+    pending = [p for p in pending if p.action != "skip"]
+    running: dict[str, tuple[Plan, Any, float, Any]] = {}
+    last_status = time.monotonic()
+    while (pending or running) and failed is None:
+        for plan in list(pending):
+            if len(running) >= args.jobs:
+                break
+            if any(src not in done for src in plan.needs if src in {p.stage.name for p in plans}):
+                continue
+            pending.remove(plan)
+            name, log_path = plan.stage.name, args.logs_dir / label / f"{plan.stage.name}.log"
+            if plan.action == "install":
+                install(plan.source, plan.dest)
+                rows.append((name, "installed", 0.0, _show(plan.dest)))
+                done.add(name)
+                continue
+            if plan.action == "train" and plan.run_dir.exists():
+                prev = plan.run_dir.with_name(plan.run_dir.name + ".prev")
+                _remove(prev)
+                os.replace(plan.run_dir, prev)
+            _write_record(plan.run_dir, plan.overrides, done=False)
+            if label:  # the untrained twins: one line
+                print(f"[{label} {name}] one step at learning rate 0; log: {_show(log_path)}",
+                      flush=True)  # fmt: skip
+            else:
+                # as the user would type it here: paths below the working directory relative
+                shown = shlex.join(plan.command()[2:]).replace(f"{Path.cwd()}/", "")
+                print(f"[{name}] {plan.action} ({plan.why}); log: {_show(log_path)}\n"
+                      f"  $ OMP_NUM_THREADS={_threads()} python train.py {shown}",
+                      flush=True)  # fmt: skip
+            proc, out = start_command(plan.command(), log_path)
+            running[name] = (plan, proc, time.monotonic(), out)
+        time.sleep(0.5)
+        for name, (plan, proc, t0, out) in list(running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            out.close()
+            del running[name]
+            log_path = args.logs_dir / label / f"{name}.log"
+            if rc == 0 and not plan.source.exists():
+                rc, why = 1, f"finished without writing {_show(plan.source)}"
+            else:
+                why = "interrupted: rerun to resume" if rc == 130 else f"exit code {rc}"
+            if rc != 0:
+                rows.append((name, "failed", time.monotonic() - t0, _show(plan.dest)))
+                failed = (name, f"{why}; log: {_show(log_path)}")
+                continue
+            _write_record(plan.run_dir, plan.overrides, done=True)
+            install(plan.source, plan.dest)
+            elapsed = time.monotonic() - t0
+            status = {"train": "trained", "resume": "resumed"}[plan.action]
+            print(
+                f"[{label + ' ' if label else ''}{name}] {status} in "
+                f"{format_seconds(elapsed)}; installed {_show(plan.dest)}",
+                flush=True,
+            )
+            rows.append((name, status, elapsed, _show(plan.dest)))
+            done.add(name)
+        if running and time.monotonic() - last_status >= 30:
+            last_status = time.monotonic()
+            for name, (_, _, t0, _) in running.items():
+                line = _last_progress(args.logs_dir / label / f"{name}.log") or "starting"
+                print(
+                    f"  {name}: {line} (stage {format_seconds(time.monotonic() - t0)}, "
+                    f"all {format_seconds(time.monotonic() - args.t_start)})",
+                    flush=True,
+                )
+    for _, (plan, proc, t0, out) in running.items():  # a failure: stop the others
+        proc.terminate()
+        proc.wait()
+        out.close()
+        rows.append((plan.stage.name, "stopped", time.monotonic() - t0, _show(plan.dest)))
+    for plan in pending:
+        rows.append((plan.stage.name, "not run", 0.0, _show(plan.dest)))
+    return rows, failed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -401,6 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_cmd = [sys.executable, str(REPO / "scripts" / "make_shapes.py"), "--out",
                 str(args.data), *DATA_ARGS]  # fmt: skip
     have_data = (args.data / "shapesworld.json").is_file()
+    report = not args.no_report and set(args.preset.stages) <= {s.name for s in args.stages}
     plans = make_plans(args, args.stages)
     if args.dry_run:
         if not have_data:
@@ -414,8 +626,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 print(f"  export: {plan.dest}")
             print(f"  read by: {_consumers(plan.stage)}")
+        if report:
+            print(f"then the untrained twins and the {args.preset.report} report")
         return 0
 
+    t_start = args.t_start = time.monotonic()
     rows: list[tuple[str, str, float, str]] = []
     failed: tuple[str, str] | None = None
     if not have_data:
@@ -423,46 +638,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"shapes_models: {args.data} holds no complete ShapesWorld "
                              "(no shapesworld.json): remove it or pass --data")  # fmt: skip
         t0, data_log = time.monotonic(), args.logs_dir / "make_shapes.log"
-        log.info("making ShapesWorld in %s (log: %s)", args.data, _show(data_log))
+        print(f"[data] making ShapesWorld in {_show(args.data)}", flush=True)
         rc = run_command(data_cmd, data_log)
         rows.append(("data", "made" if rc == 0 else "failed", time.monotonic() - t0,
                      _show(args.data)))  # fmt: skip
         if rc != 0:
             failed = ("data", f"make_shapes.py: exit code {rc}; log: {_show(data_log)}")
-    for plan in plans:
-        name, dest = plan.stage.name, _show(plan.dest)
-        if failed is not None:
-            rows.append((name, "not run", 0.0, dest))
-            continue
-        t0, log_path = time.monotonic(), args.logs_dir / f"{name}.log"
-        if plan.action == "skip":
-            rows.append((name, "skipped", 0.0, dest))
-            continue
-        if plan.action in ("train", "resume"):
-            if plan.action == "train" and plan.run_dir.exists():
-                prev = plan.run_dir.with_name(plan.run_dir.name + ".prev")
-                _remove(prev)
-                os.replace(plan.run_dir, prev)
-            _write_record(plan.run_dir, plan.overrides, done=False)
-            log.info("%s: %s (%s); log: %s", name, plan.action, plan.why, _show(log_path))
-            rc = run_command(plan.command(), log_path)
-            if rc == 0 and not plan.source.exists():
-                rc, why = 1, f"finished without writing {_show(plan.source)}"
-            else:
-                why = "interrupted: rerun to resume" if rc == 130 else f"exit code {rc}"
-            if rc != 0:
-                rows.append((name, "failed", time.monotonic() - t0, dest))
-                failed = (name, f"{why}; log: {_show(log_path)}")
-                continue
-            _write_record(plan.run_dir, plan.overrides, done=True)
-        install(plan.source, plan.dest)
-        log.info("%s: installed %s", name, dest)
-        status = {"train": "trained", "resume": "resumed", "install": "installed"}[plan.action]
-        rows.append((name, status, time.monotonic() - t0, dest))
+    if failed is None:
+        more, failed = run_plans(plans, args)
+        rows += more
+    if failed is None and report:
+        more, failed = run_plans(make_plans(args, args.stages, untrained=True), args, "untrained")
+        rows += [(f"{n} (untrained)", *rest) for n, *rest in more]
     print(_table(rows))
     if failed is not None:
         print(f"shapes_models: stage {failed[0]} failed ({failed[1]})", file=sys.stderr)
         return 1
+    if report:
+        from semani.tasks import shapes_report
+
+        make = getattr(shapes_report, f"{args.preset.report}_report")
+        make(args, minutes_so_far=(time.monotonic() - t_start) / 60)
     return 0
 
 

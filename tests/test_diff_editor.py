@@ -10,7 +10,7 @@ from PIL import Image
 
 from semani.manipulation.blended import BlendedLatentEditor
 from semani.manipulation.diff_editor import DiffEditor
-from semani.manipulation.pixels import feather_weights
+from semani.manipulation.pixels import feather_weights, model_size
 from semani.modules.diffusion_parts import tiny_inpaint_components
 
 TEXT = "a red circle"
@@ -410,3 +410,70 @@ def test_an_sd2_layout_folder(tmp_path: Path, tok_dir: Path) -> None:
     ).images  # fmt: skip
     ours = editor.generate(image, mask, TEXT, seed=2, steps=3, guidance_scale=5.0)
     np.testing.assert_allclose(ours.permute(0, 2, 3, 1).numpy(), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("strength", [0.6, 0.3])
+def test_strength_matches_diffusers_pipeline(pipe, inpaint_folder: Path, strength: float) -> None:
+    """strength < 1 ("keep the shape, change the look"): the image's own latents noised to that
+    fraction of the schedule, as diffusers' inpainting pipeline does."""
+    from diffusers import DDIMScheduler
+
+    editor = DiffEditor.from_pretrained(inpaint_folder, guidance_form="diffusers")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the editor's default
+    image, mask = image_and_mask(48, 80)
+    ref = pipe(
+        TEXT, image=Image.fromarray(image),
+        mask_image=Image.fromarray(mask.astype(np.uint8) * 255), height=48, width=80,
+        num_inference_steps=5, guidance_scale=4.0, strength=strength,
+        generator=torch.Generator().manual_seed(3), output_type="np",
+    ).images  # fmt: skip
+    ours = editor.generate(image, mask, TEXT, seed=3, steps=5, guidance_scale=4.0,
+                           strength=strength)  # fmt: skip
+    np.testing.assert_allclose(ours.permute(0, 2, 3, 1).numpy(), ref, atol=1e-4, rtol=0)
+    steps: list[int] = []
+    editor.generate(image, mask, TEXT, seed=3, steps=5, strength=strength,
+                    callback=lambda i, t, z: steps.append(int(t)))  # fmt: skip
+    assert len(steps) == int(5 * strength)
+    with pytest.raises(ValueError, match="strength"):
+        editor.generate(image, mask, TEXT, seed=3, steps=5, strength=0.0)
+
+
+def test_native_side_is_the_models_own_size(inpaint_folder: Path) -> None:
+    """side="native": the UNet's sample_size times the VAE factor; an image of another size is
+    edited at that size and pasted back at its own, every outside pixel kept."""
+    editor = DiffEditor.from_pretrained(inpaint_folder, steps=2, side="native")
+    native = editor.unet.config.sample_size * editor.factor
+    assert editor.side == native
+    seen = []
+    unet_forward = editor.unet.forward
+
+    def spy(sample, *args, **kwargs):
+        seen.append(tuple(sample.shape[-2:]))
+        return unet_forward(sample, *args, **kwargs)
+
+    editor.unet.forward = spy
+    image, mask = image_and_mask(2 * native, 3 * native)  # larger than the model's size
+    out = np.asarray(editor.edit(image, mask, TEXT, seed=0)[0])
+    assert out.shape == image.shape and (out[~mask] == image[~mask]).all()
+    h, w = seen[0]
+    assert max(h, w) * editor.factor == native  # the longer side at the native size
+    with pytest.raises(ValueError, match="native"):
+        DiffEditor.from_pretrained(inpaint_folder, side="large")
+
+
+def test_autoencode_is_the_vae_round_trip_on_the_model_grid(inpaint_folder: Path) -> None:
+    editor = DiffEditor.from_pretrained(inpaint_folder, side="native")
+    image = torch.rand(3, 48, 80) * 2 - 1
+    out = editor.autoencode(image)
+    assert out.shape == (48, 80, 3) and out.dtype == np.uint8
+    size = model_size(48, 80, editor.factor, editor.side)
+    small = torch.nn.functional.interpolate(image[None], size, mode="bilinear",
+                                            antialias=True, align_corners=False)  # fmt: skip
+    vae = editor.vae
+    with torch.inference_mode():
+        mean = vae.encode(small.clamp(-1, 1)).latent_dist.mean
+        ref = editor.decode(mean * vae.config.scaling_factor)
+    ref = torch.nn.functional.interpolate(ref, (48, 80), mode="bilinear", antialias=True,
+                                          align_corners=False)[0]  # fmt: skip
+    ref = (ref.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1

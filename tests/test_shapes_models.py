@@ -4,6 +4,7 @@ where the evaluation and app configs read it; resumable, atomic installs."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -34,7 +35,8 @@ NAMES = [s.name for s in sm.STAGES]
 
 def _args(tmp_path: Path, data: Path, *extra: str) -> list[str]:
     return ["--data", str(data), "--pretrained-dir", str(tmp_path / "pre"),
-            "--logs-dir", str(tmp_path / "logs"), *extra]  # fmt: skip
+            "--logs-dir", str(tmp_path / "logs"), "--device", "cpu", "--no-report",
+            *extra]  # fmt: skip
 
 
 def _arg(cmd: list[str], key: str) -> str | None:
@@ -160,6 +162,33 @@ class FakeRunner:
         return [_arg(c, "experiment") for c in self.calls]
 
 
+class _Done:
+    """A finished process (what `start_command` returns, after the fake ran)."""
+
+    def __init__(self, rc: int) -> None:
+        self.rc = rc
+
+    def poll(self) -> int:
+        return self.rc
+
+    def terminate(self) -> None:
+        pass
+
+    def wait(self) -> int:
+        return self.rc
+
+
+def _use(monkeypatch, runner) -> None:
+    """Run `runner` in place of every command: the data (run_command) and the stages
+    (start_command, which then has finished)."""
+    monkeypatch.setattr(sm, "run_command", runner)
+
+    def start(cmd, log_path):
+        return _Done(runner(cmd, log_path)), io.StringIO()
+
+    monkeypatch.setattr(sm, "start_command", start)
+
+
 @pytest.fixture(autouse=True)
 def _compose_once(monkeypatch) -> None:
     """Each stage's config is composed once per test (the script composes it on every call)."""
@@ -192,7 +221,7 @@ def test_stages_install_then_skip_then_reinstall(
 ) -> None:
     pre = tmp_path / "pre"
     runner = FakeRunner()
-    monkeypatch.setattr(sm, "run_command", runner)
+    _use(monkeypatch, runner)
     assert sm.main(_args(tmp_path, data)) == 0
     assert runner.stages() == NAMES
     for stage in sm.STAGES:
@@ -226,7 +255,7 @@ def test_stages_install_then_skip_then_reinstall(
 def test_an_interrupted_stage_resumes(tmp_path, data, monkeypatch, capsys) -> None:
     logs, pre = tmp_path / "logs", tmp_path / "pre"
     runner = FakeRunner(fail={"clip_shapes": 130})
-    monkeypatch.setattr(sm, "run_command", runner)
+    _use(monkeypatch, runner)
     assert sm.main(_args(tmp_path, data)) == 1
     captured = capsys.readouterr()
     assert "stage clip_shapes failed (interrupted: rerun to resume" in captured.err
@@ -244,7 +273,7 @@ def test_an_interrupted_stage_resumes(tmp_path, data, monkeypatch, capsys) -> No
 
 def test_other_overrides_start_afresh(tmp_path, data, monkeypatch) -> None:
     runner = FakeRunner(fail={"vqgan_shapes": 1})
-    monkeypatch.setattr(sm, "run_command", runner)
+    _use(monkeypatch, runner)
     only = ["--only", "vqgan_shapes"]
     assert sm.main(_args(tmp_path, data, *only)) == 1
     assert sm.main(_args(tmp_path, data, *only, "--steps-scale", "0.5")) == 0
@@ -257,7 +286,7 @@ def test_a_failing_stage_names_itself_and_its_log(tmp_path, data, monkeypatch, c
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")  # paths below the working directory are relative
     runner = FakeRunner(fail={"mask_prompt_shapes": 1})
-    monkeypatch.setattr(sm, "run_command", runner)
+    _use(monkeypatch, runner)
     assert sm.main(_args(tmp_path, data)) == 1
     out, err = capsys.readouterr()
     log = logs / "mask_prompt_shapes.log"
@@ -267,14 +296,14 @@ def test_a_failing_stage_names_itself_and_its_log(tmp_path, data, monkeypatch, c
     assert re.search(r"mask_prompt_shapes\s+failed\s", out)
     assert re.search(r"entityseg_shapes\s+not run\s", out)
 
-    monkeypatch.setattr(sm, "run_command", FakeRunner(no_export="vae_shapes"))
+    _use(monkeypatch, FakeRunner(no_export="vae_shapes"))
     assert sm.main(_args(tmp_path, data, "--only", "vae_shapes")) == 1
     assert f"finished without writing {logs / 'vae_shapes' / 'vae'}" in capsys.readouterr().err
 
 
 def test_a_missing_input_is_named_before_anything_runs(tmp_path, data, monkeypatch) -> None:
     runner = FakeRunner()
-    monkeypatch.setattr(sm, "run_command", runner)
+    _use(monkeypatch, runner)
     with pytest.raises(SystemExit, match="vqgan_shapes/last.ckpt.*add vqgan_shapes to --only"):
         sm.main(_args(tmp_path, data, "--only", "semani_trans_shapes"))
     assert runner.calls == []
@@ -293,7 +322,7 @@ def test_missing_data_is_made_first(tmp_path, monkeypatch) -> None:
         assert made, "a stage ran before the data was made"
         return FakeRunner()(cmd, log_path)
 
-    monkeypatch.setattr(sm, "run_command", runner)
+    _use(monkeypatch, runner)
     assert sm.main(_args(tmp_path, tmp_path / "new", "--only", "classifier_shapes")) == 0
     assert made[0][2:] == ["--out", str(tmp_path / "new"), *sm.DATA_ARGS]
 

@@ -93,13 +93,16 @@ def test_vae_shapes_exports_a_scaled_vae(vae_run: Path) -> None:
 
 
 def test_semani_diff_reads_the_vae_stage(vae_run: Path, tok_dir: Path) -> None:
-    tiny = {"seed": 0, "cross_attention_dim": 32, "tokenizer_folder": str(tok_dir)}
+    # the stage's VAE (configs/experiment/vae_shapes.yaml): 3 levels, factor 4
+    tiny = {"seed": 0, "cross_attention_dim": 32, "tokenizer_folder": str(tok_dir),
+            "vae_channels": [16, 32, 32], "sample_size": 8}  # fmt: skip
     vae = load_vae(vae_run / "vae")
+    assert list(vae.config.block_out_channels) == [16, 32, 32]
     module = SemaniDiffModule(tiny=tiny, vae=str(vae_run / "vae"), cache_latents=True)
     assert module.vae.config.scaling_factor == pytest.approx(vae.config.scaling_factor)
     for (name, a), b in zip(module.vae.state_dict().items(), vae.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
     assert not any(p.requires_grad for p in module.vae.parameters())
-    # the stage's VAE has 4 levels (factor 8); a 3-level model VAE (factor 4) does not fit it
+    # a 4-level model VAE (factor 8, the tiny model's default) does not fit it
     with pytest.raises(ValueError, match="block_out_channels"):
-        SemaniDiffModule(tiny={**tiny, "vae_channels": [16, 32, 32]}, vae=str(vae_run / "vae"))
+        SemaniDiffModule(tiny={**tiny, "vae_channels": [16, 16, 32, 32]}, vae=str(vae_run / "vae"))

@@ -98,7 +98,7 @@ class BlendedLatentEditor(LatentEditor):
         feather: float = 0,
         negative_text: str = "",
         eta: float = 0.0,
-        side: int | None = None,
+        side: int | str | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         vae_tiling: bool = False,
@@ -126,7 +126,7 @@ class BlendedLatentEditor(LatentEditor):
         self._set_parts(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, vae_tiling)
         self.steps, self.guidance_scale = steps, guidance_scale
         self.negative_text, self.eta = negative_text, eta
-        self.skip, self.dilation, self.side = skip, dilation, side
+        self.skip, self.dilation, self.side = skip, dilation, self.model_side(side)
         self.composite, self.feather = composite, feather
         self.unmasked_inpainting = unmasked_inpainting
 

@@ -34,12 +34,14 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from semani.manipulation.pixels import (
     composite,
     feather_weights,
+    model_size,
     prepare_inputs,
     resize_bilinear,
 )
@@ -139,7 +141,9 @@ def pretrained_parts(
     """`load_sd_components`, with the scheduler replaced by the diffusers class `scheduler`
     (built from the source's scheduler config) unless it is None."""
     torch_dtype = as_dtype(torch_dtype)
-    parts = load_sd_components(source, inpaint=inpaint, config=config, torch_dtype=torch_dtype)
+    parts = load_sd_components(
+        source, inpaint=inpaint, config=config, torch_dtype=torch_dtype, what="editor.source"
+    )
     if scheduler is not None:
         import diffusers
 
@@ -156,8 +160,8 @@ def prepare_components(
     dtype = as_dtype(dtype)
     for m in modules:
         m.eval().requires_grad_(False)
-        if device is not None or dtype is not None:
-            m.to(device=device, dtype=dtype)
+        if device is not None or dtype is not None:  # dtype only when given: diffusers warns
+            m.to(**{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None})
 
 
 def inpaint_condition(
@@ -219,6 +223,17 @@ class LatentEditor:
         parts = pretrained_parts(source, cls.inpaint, scheduler, config, torch_dtype)
         return cls(**parts, **kwargs)
 
+    def model_side(self, side: int | str | None) -> int | None:
+        """`side` as pixels: "native" is the UNet's own image size (`sample_size` latents times
+        the VAE factor), what the model was trained at."""
+        if side == "native":
+            size = self.unet.config.sample_size
+            return int(max(size) if isinstance(size, (list, tuple)) else size) * self.factor
+        if side is not None and (not isinstance(side, int) or side < self.factor):
+            raise ValueError(f'side must be a number of pixels >= {self.factor}, "native" or '
+                             f"None, got {side!r}")  # fmt: skip
+        return side
+
     @property
     def device(self) -> torch.device:
         return self.unet.device
@@ -232,6 +247,17 @@ class LatentEditor:
         """(N, C, h, w) latents -> (N, 3, h*f, w*f) float32 images in [0, 1]."""
         return decode_latents(self.vae, latents)
 
+    @torch.inference_mode()
+    def autoencode(self, image: Tensor) -> np.ndarray:
+        """(3, H, W) float image in [-1, 1] -> (H, W, 3) uint8 after the VAE alone, on the
+        model grid as `edit` sees it (resized, encoded, posterior mean, decoded, resized back):
+        what a perfect denoiser could show through it."""
+        vae, size = self.vae, tuple(image.shape[-2:])
+        pixels = resize_bilinear(image[None].float(), model_size(*size, self.factor, self.side))
+        mean = vae.encode(pixels.clamp(-1, 1).to(self.device, vae.dtype)).latent_dist.mean
+        out = resize_bilinear(self.decode(mean * vae.config.scaling_factor), size)[0]
+        return (out.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
 
 class DiffEditor(LatentEditor):
     """Entity-level manipulation with a Stable-Diffusion-inpainting-style model (SeMani-Diff).
@@ -243,7 +269,8 @@ class DiffEditor(LatentEditor):
         scheduler: any diffusers scheduler; a fresh copy of it runs each edit.
         steps, guidance_scale, feather, negative_text, eta: defaults of `edit`.
         side: resize the image so that its longer side is `side` before rounding to the grid
-            (None: keep the input size).
+            (None: keep the input size; "native": the UNet's own size, its `sample_size` times
+            the VAE factor, e.g. 512 for SD-2-inpainting).
         device, dtype: move the models (e.g. "cuda", torch.float16 or "float16"); None
             leaves them.
         vae_tiling: decode / encode large images in tiles (`vae.enable_tiling()`).
@@ -251,6 +278,9 @@ class DiffEditor(LatentEditor):
             empty mask condition) or "diffusers" (the empty text, the real mask).
         composite: paste the result into the input in pixel space (every pixel outside the mask
             the input's); False returns the decoded image itself, resized back.
+        strength: 1 inpaints from noise; below 1 the entity's own latents are noised to that
+            fraction of the schedule and denoised under the text (its shape and layout survive:
+            "keep the shape, change the look"), as diffusers' `strength`.
     """
 
     def __init__(
@@ -265,12 +295,13 @@ class DiffEditor(LatentEditor):
         feather: float = 4,
         negative_text: str = "",
         eta: float = 0.0,
-        side: int | None = None,
+        side: int | str | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         vae_tiling: bool = False,
         guidance_form: str = "paper",
         composite: bool = True,
+        strength: float = 1.0,
     ) -> None:
         if guidance_form not in GUIDANCE_FORMS:
             raise ValueError(
@@ -284,8 +315,8 @@ class DiffEditor(LatentEditor):
             )
         self._set_parts(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, vae_tiling)
         self.steps, self.guidance_scale, self.feather = steps, guidance_scale, feather
-        self.negative_text, self.eta, self.side = negative_text, eta, side
-        self.guidance_form, self.composite = guidance_form, composite
+        self.negative_text, self.eta, self.side = negative_text, eta, self.model_side(side)
+        self.guidance_form, self.composite, self.strength = guidance_form, composite, strength
 
     @torch.inference_mode()
     def generate_latents(
@@ -299,6 +330,7 @@ class DiffEditor(LatentEditor):
         num_images: int = 1,
         negative_text: str | None = None,
         callback: StepCallback | None = None,
+        strength: float | None = None,
     ) -> Tensor:
         """The denoising loop on the model grid.
 
@@ -306,6 +338,9 @@ class DiffEditor(LatentEditor):
             pixels: (1, 3, h, w) in [-1, 1], h and w multiples of the VAE factor.
             mask: (1, 1, h, w) binary, 1 = re-paint.
             callback: called after every step with (index, timestep, latents).
+            strength: 1 starts from noise (inpainting); below 1 from the image's own latents
+                noised to the `strength` fraction of the schedule, and only that fraction of
+                the steps runs (diffusers' `strength`): the entity's shape survives.
         Returns:
             (num_images, C, h/f, w/f) scaled latents.
         """
@@ -314,6 +349,9 @@ class DiffEditor(LatentEditor):
         steps = steps or self.steps
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         negative_text = self.negative_text if negative_text is None else negative_text
+        strength = self.strength if strength is None else float(strength)
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
         cfg = scale > 1.0
         device, dtype = self.device, self.dtype
         embeds = text_embeddings(
@@ -321,12 +359,22 @@ class DiffEditor(LatentEditor):
         ).to(device, dtype)  # (N or 2N, L, D)
         scheduler = fresh_scheduler(self.scheduler)
         scheduler.set_timesteps(steps, device=device)
+        start = (steps - min(int(steps * strength), steps)) * scheduler.order
+        if start >= len(scheduler.timesteps):
+            raise ValueError(f"strength {strength} leaves no step of {steps}: raise either")
         if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
+            scheduler.set_begin_index(start)
+        timesteps = scheduler.timesteps[start:]
         h, w = pixels.shape[-2] // self.factor, pixels.shape[-1] // self.factor
         shape = (num_images, self.vae.config.latent_channels, h, w)
+        if strength < 1:  # the image's latents, drawn before the noise (diffusers' order)
+            image_latents = encode_image(self.vae, pixels.to(device), generator).to(dtype)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        latents = latents * scheduler.init_noise_sigma  # (N, C, h, w)
+        if strength < 1:
+            latents = scheduler.add_noise(image_latents.repeat(num_images, 1, 1, 1), latents,
+                                          timesteps[:1].repeat(num_images))  # fmt: skip
+        else:
+            latents = latents * scheduler.init_noise_sigma  # (N, C, h, w)
         # E((1 - M) x): drawn from the generator after the noise, as diffusers does
         cond = inpaint_condition(self.vae, pixels, mask, generator, dtype)  # (1, 1 + C, h, w)
         cond = cond.repeat(num_images, 1, 1, 1)  # (N, 1 + C, h, w)
@@ -338,7 +386,7 @@ class DiffEditor(LatentEditor):
                 empty = empty.repeat(num_images, 1, 1, 1)
             cond = torch.cat([empty, cond])  # (2N, 1 + C, h, w): [unconditional; conditional]
         extra = step_kwargs(scheduler, self.eta, generator)
-        for i, t in enumerate(scheduler.timesteps):
+        for i, t in enumerate(timesteps):
             x = torch.cat([latents] * 2) if cfg else latents  # (N or 2N, C, h, w)
             x = scheduler.scale_model_input(x, t)
             x = torch.cat([x, cond], 1)  # (N or 2N, 2C + 1, h, w)
@@ -374,6 +422,7 @@ class DiffEditor(LatentEditor):
         feather: float | None = None,
         negative_text: str | None = None,
         callback: StepCallback | None = None,
+        strength: float | None = None,
     ) -> Any:
         """Re-paint the masked entity of `image` after `text`.
 
@@ -387,6 +436,7 @@ class DiffEditor(LatentEditor):
             seed / generator: the noise (a seed makes a CPU generator: the same on any device).
             num_images: how many samples of the same edit.
             feather: seam width in pixels inside the mask (see `feather_weights`).
+            strength: see the constructor (None: its value).
         Returns:
             `num_images` edited images at the input size and of the input's kind (see
             `composite`); outside the mask they equal the input exactly.
@@ -402,6 +452,7 @@ class DiffEditor(LatentEditor):
             num_images=num_images,
             negative_text=negative_text,
             callback=callback,
+            strength=strength,
         )
         edited = resize_bilinear(self.decode(latents), tuple(src.original.shape[-2:])).clamp(0, 1)
         if self.composite:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gzip
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -338,6 +339,8 @@ def _load_folder(folder: Path, torch_dtype: torch.dtype | None) -> dict[str, Any
         kwargs: dict[str, Any] = {"subfolder": name, "local_files_only": True}
         if torch_dtype is not None and isinstance(cls, type) and issubclass(cls, torch.nn.Module):
             kwargs["torch_dtype"] = torch_dtype
+        if library == "diffusers" and importlib.util.find_spec("accelerate") is None:
+            kwargs["low_cpu_mem_usage"] = False  # what diffusers falls back to, said once here
         out[name] = cls.from_pretrained(str(folder), **kwargs)
     names = ", ".join(f"{k}={type(v).__name__}" for k, v in out.items())
     log.info("loaded %s from %s", names, folder)
