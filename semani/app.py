@@ -203,16 +203,19 @@ def shapes_examples(root: str | os.PathLike, n: int) -> list[list[str]]:
 
 
 def _with_selection(
-    pipeline: EntityEditPipeline, threshold: float | None, strict: bool
+    pipeline: EntityEditPipeline, threshold: float | None, strict: bool, select: str | int = "best"
 ) -> EntityEditPipeline:
     """A shallow copy of `pipeline` (same models) whose aligner has this request's selection
-    rule: a threshold turns on threshold selection; strict makes a word below it not found."""
+    rule: a threshold turns on threshold selection; strict makes a word below it not found;
+    select picks the instance (best, all at or above the threshold, or the k-th best)."""
     aligner = copy.copy(pipeline.aligner)
+    aligner.pick = select
     if threshold is not None:
         aligner.selection, aligner.threshold = "threshold", float(threshold)
     aligner.threshold_mode = "strict" if strict else "keep_best"
-    if strict and aligner.threshold is None:
-        raise ValueError(f"strict needs a threshold: {type(aligner.scorer).__name__} has none")
+    if (strict or select == "all") and aligner.threshold is None:
+        what = "strict" if strict else "select=all"
+        raise ValueError(f"{what} needs a threshold: {type(aligner.scorer).__name__} has none")
     return EntityEditPipeline(aligner, pipeline.editor)
 
 
@@ -287,6 +290,7 @@ def run_edit(
     seed: int = 0,
     threshold: float | str | None = None,
     strict: bool = False,
+    select: str | int | None = "best",
     limits: Limits = DEFAULT_LIMITS,
 ) -> EditOutputs:
     """Find the entity `entity` names in `image` (a path) and re-paint it after `text` (see the
@@ -299,7 +303,7 @@ def run_edit(
     if not path:
         return EditOutputs("Upload an image first.")
     try:
-        request = limits.check(entity, text, steps, guidance, seed, threshold, strict)
+        request = limits.check(entity, text, steps, guidance, seed, threshold, strict, select)
     except ValueError as err:  # an argument out of range or of the wrong type
         return EditOutputs(public_message(f"error: {one_line(err)}", path))
     out = _edit(models.pipeline, path, request, limits)
@@ -318,7 +322,7 @@ def _edit(
         check_upload(path, limits)  # bytes, then pixels from the header: before decoding
         original = read_image(path)
         source = working_copy(original, limits.max_side)
-        pipeline = _with_selection(pipeline, request.threshold, request.strict)
+        pipeline = _with_selection(pipeline, request.threshold, request.strict, request.select)
         plan = plan_edits(request.text, request.entity, has_mask=False)  # before proposing
         # a text-conditioned segmenter proposes per word: the gallery shows the first word's
         words = {word for word, _ in plan}
@@ -389,7 +393,7 @@ def _outputs(
 
 def build_app(cfg: DictConfig, models: Models) -> Any:
     """The `gr.Blocks` page on `models`; its edit is also the API endpoint "/edit" (inputs:
-    image, entity, text, steps, guidance, seed, threshold, strict), checked against the
+    image, entity, text, steps, guidance, seed, threshold, strict, select), checked against the
     config's limits (`Limits.from_config`) whichever way it is called."""
     import gradio as gr
     import pandas as pd
@@ -399,8 +403,8 @@ def build_app(cfg: DictConfig, models: Models) -> Any:
     options = pipeline.sampler_options if pipeline is not None else ()
     limits = Limits.from_config(cfg)
 
-    def edit(image, entity, text, steps, guidance, seed, threshold, strict):
-        args = (image, entity, text, steps, guidance, seed, threshold, strict)
+    def edit(image, entity, text, steps, guidance, seed, threshold, strict, select):
+        args = (image, entity, text, steps, guidance, seed, threshold, strict, select)
         try:
             out = run_edit(models, *args, limits=limits)
         except Exception as err:  # a bug, out of memory, ...: one line here, the traceback logged
@@ -494,6 +498,14 @@ def build_app(cfg: DictConfig, models: Models) -> Any:
                         label="strict",
                         info="none reaches the threshold: not found",
                     )
+                    select = gr.Textbox(
+                        value="best",
+                        label="select",
+                        info="best: the rule's pick; all: every proposal at or above the "
+                        "threshold; 2: the second best in the table (the next bird)...",
+                        max_length=8,
+                        elem_id="select",
+                    )
                 button = gr.Button("Edit", variant="primary", elem_id="edit")
             with gr.Column():
                 message = gr.Markdown(elem_id="message")
@@ -533,7 +545,7 @@ def build_app(cfg: DictConfig, models: Models) -> Any:
         # is read_image's message, not gradio's generic error (the upload is still checked)
         button.click(
             edit,
-            inputs=[image, entity, text, steps, guidance, seed, threshold, strict],
+            inputs=[image, entity, text, steps, guidance, seed, threshold, strict, select],
             outputs=[message, proposals, table, mask, result],
             api_name="edit",
             preprocess=False,

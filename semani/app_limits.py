@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from semani.alignment.aligner import check_pick
+
 __all__ = [
     "ImageTooLargeError",
     "Limits",
@@ -77,6 +79,7 @@ class Request:
     seed: int
     threshold: float | None
     strict: bool
+    select: str | int = "best"
 
 
 def _whole(name: str, value: Any, lo: int, hi: int) -> int:
@@ -169,10 +172,11 @@ class Limits:
         seed: Any,
         threshold: Any,
         strict: Any,
+        select: Any = "best",
     ) -> Request:
         """Every argument checked (see the module docstring); `ValueError` names the first
         that is out of range or of the wrong type. steps / guidance None: the editor's own;
-        threshold None or blank: none."""
+        threshold None or blank: none; select blank: "best"."""
         if isinstance(threshold, str):
             raw = threshold.strip()
             try:
@@ -181,6 +185,15 @@ class Limits:
                 threshold = raw
         if not isinstance(strict, (bool, np.bool_)):
             raise ValueError(f"strict must be true or false, got {strict!r}")
+        if select is None or (isinstance(select, str) and not select.strip()):
+            select = "best"
+        try:
+            select = check_pick(select.strip() if isinstance(select, str) else select)
+        except ValueError:
+            raise ValueError(
+                f"select must be best, all or a rank (1: the best proposal, 2: the next...), "
+                f"got {str(select)[:32]!r}"
+            ) from None
         return Request(
             entity=_words("entity", entity, self.entity_chars).strip() or None,
             text=_words("text", text, self.text_chars),
@@ -191,6 +204,7 @@ class Limits:
             if threshold is None
             else _real("threshold", threshold, *self.threshold, empty="empty or "),
             strict=bool(strict),
+            select=select,
         )
 
 

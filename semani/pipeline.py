@@ -187,6 +187,8 @@ class EntityEditPipeline:
                 "seed=), token_grid and min_tokens (semani.manipulation.editor.Editor)"
             )
         self.aligner, self.editor = aligner, editor
+        # log every proposal with its similarity, and the chosen ones, before any edit
+        self.log_ranking = False
 
     @classmethod
     def from_config(cls, cfg: Any, align: bool = True) -> EntityEditPipeline:
@@ -286,6 +288,10 @@ class EntityEditPipeline:
         else:
             steps = self.align(tensor, plan, sample, proposals)
             proposals = steps[0].alignment.proposals
+            if self.log_ranking:
+                for step in steps:
+                    for line in step.describe():
+                        log.info("%s", line)
         options = {k: v for k, v in sampler.items() if v is not None}
         for i, step in enumerate(steps):
             log.info("edit %d/%d: %s -> %r (%.1f%% of the image)", i + 1, len(steps),

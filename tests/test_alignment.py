@@ -381,6 +381,32 @@ def test_aligner_selection_rules():
     assert r.chosen == [1, 0] and torch.isnan(r.similarities[2:]).all()
 
 
+def test_aligner_picks_the_instance():
+    """pick: "all" every eligible proposal at or above the threshold, k the k-th best whatever
+    its score, "best" the rule; a rank past the eligible ones or "all" below the threshold is
+    not found, with the ranking."""
+    img = torch.zeros(3, 32, 32)
+    seg = _FakeSegmenter(_proposals(_four_masks()))
+    stub = _StubScorer({"bird": [0.6, 0.9, 0.2, 0.95], "cat": [0.1, 0.3, 0.2, float("nan")]})
+    argmax = {"selection": "argmax"}
+    assert EntityAligner(stub, seg, pick="all", **argmax).align(img, "bird").chosen == [3, 1, 0]
+    assert EntityAligner(stub, seg, pick=2, **argmax).align(img, "bird").chosen == [1]
+    assert EntityAligner(stub, seg, pick="3").align(img, "bird").chosen == [0]
+    assert EntityAligner(stub, seg, pick=2).align(img, "cat").chosen == [2]  # below 0.5: chosen
+    # the 2 x 2-pixel proposal is not eligible on an 8 x 8 grid: the best is then #1
+    assert EntityAligner(stub, seg, pick=1).align(img, "bird", token_grid=(8, 8)).chosen == [1]
+    with pytest.raises(EntityNotFoundError, match=r"pick=4 .* only 3 are eligible"):
+        EntityAligner(stub, seg, pick=4).align(img, "bird", token_grid=(8, 8))
+    with pytest.raises(EntityNotFoundError, match=r"threshold 0.5 \(pick='all'\)"):
+        EntityAligner(stub, seg, pick="all").align(img, "cat")
+    # a word asked for again later takes its best only; the last request the rest at >= 0.5
+    found = EntityAligner(stub, seg, pick="all").align_many(img, "bird: a | bird: b")
+    assert [e.result.chosen for e in found] == [[3], [1, 0]]
+    for bad in (0, -1, "some", 1.5, True):
+        with pytest.raises(ValueError, match="pick must be"):
+            EntityAligner(stub, seg, pick=bad)
+
+
 def test_aligner_raises_when_nothing_matches():
     img = torch.zeros(3, 32, 32)
     empty = EntityProposals(torch.zeros(0, 32, 32, dtype=torch.bool), torch.zeros(0))

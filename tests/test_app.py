@@ -107,7 +107,8 @@ def limited(tmp_path_factory: pytest.TempPathFactory, inpaint_folder: Path, m2f_
 def _edit(client: Any, image: Path, entity: str, text: str, **kw: Any) -> tuple:
     from gradio_client import handle_file
 
-    args = {"steps": 2, "guidance": 1.0, "seed": 0, "threshold": None, "strict": False, **kw}
+    args = {"steps": 2, "guidance": 1.0, "seed": 0, "threshold": None, "strict": False,
+            "select": "best", **kw}  # fmt: skip
     return client.predict(handle_file(str(image)), entity, text, *args.values(), api_name="/edit")
 
 
@@ -206,6 +207,8 @@ def _no_server_path(message: str, *paths: Path) -> None:
         ({"threshold": 1.5}, "threshold must be empty or a number from -1 to 1, got 1.5"),
         ({"threshold": "abc"}, "threshold must be empty or a number from -1 to 1, got 'abc'"),
         ({"strict": "yes"}, "strict must be true or false, got 'yes'"),
+        ({"select": "0"}, "select must be best, all or a rank"),
+        ({"select": "first"}, "select must be best, all or a rank (1: the best proposal"),
         ({"entity": "c" * 201}, "entity is 201 characters long: at most 200"),
         ({"text": "a" * 501}, "text is 501 characters long: at most 500"),
     ],
@@ -235,6 +238,24 @@ def test_threshold_is_empty_or_a_number(client: Any, photo: Path) -> None:
         assert message.startswith("Edited 1 entity"), (threshold, message)
     message, *_ = _edit(client, photo, "circle", "a red circle", threshold="", strict=True)
     assert message.startswith("error: strict needs a threshold")
+
+
+def test_select_picks_the_instance(client: Any, photo: Path) -> None:
+    """select=2: the second best proposal of the table is edited; all: every one at or above
+    the threshold; a rank past the proposals is a message with the ranking."""
+    message, _, table, *_ = _edit(client, photo, "circle", "a red circle", select="2")
+    rows = table["data"]
+    ranked = sorted(range(len(rows)), key=lambda i: -rows[i][1])
+    assert message.startswith(f"Edited 1 entity ('circle' -> #{ranked[1]}"), message
+    assert [i for i, row in enumerate(rows) if row[2] == "circle"] == [ranked[1]]
+    threshold = rows[ranked[2]][1]  # the third best's similarity: three are chosen
+    _, _, table, *_ = _edit(client, photo, "circle", "a red circle", select="all",
+                            threshold=str(threshold))  # fmt: skip
+    assert sorted(i for i, row in enumerate(table["data"]) if row[2] == "circle") == sorted(
+        ranked[:3]
+    )
+    message, *_ = _edit(client, photo, "circle", "a red circle", select=str(len(rows) + 1))
+    assert message.startswith("error: no entity matches 'circle'") and "pick=" in message
 
 
 def test_public_message_names_files_only() -> None:

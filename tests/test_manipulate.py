@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from semani.alignment.types import EntityNotFoundError
 from semani.modules.clip import TINY_CLIP_NAME
 from semani.pipeline import plan_edits
 from semani.tasks.manipulate import main, manipulate
@@ -180,6 +181,30 @@ def test_several_edits_are_aligned_then_applied_in_order(
     mask = _outputs(tmp_path / "out")["mask"] > 0
     assert mask.any() and mask.shape == (H, W)
     _check_kept_outside(tmp_path / "out", rgba_image, mask)
+
+
+def test_select_picks_the_kth_best_and_the_ranking_comes_first(
+    tmp_path: Path,
+    inpaint_folder: Path,
+    m2f_dir: Path,
+    rgba_image: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    over = [f"image={rgba_image}", "entity=circle", "text=a red circle", "select=2"]
+    cfg = _cfg(tmp_path, _diff(inpaint_folder) + _aligner(m2f_dir) + over)
+    assert cfg.alignment.pick == 2
+    with caplog.at_level(logging.INFO, logger="semani"):
+        result = manipulate(cfg)
+    sims = result["edits"][0]["similarities"]
+    ranked = sorted((i for i, v in enumerate(sims) if v == v), key=lambda i: -sims[i])
+    assert len(ranked) >= 2 and result["edits"][0]["chosen"] == [ranked[1]]  # the second best
+    messages = [r.getMessage() for r in caplog.records]
+    first_edit = next(i for i, m in enumerate(messages) if m.startswith("edit 1/1"))
+    listed = [i for i, m in enumerate(messages) if "proposal #" in m]
+    assert len(listed) == len(sims) and max(listed) < first_edit  # ranked before any edit
+    cfg = _cfg(tmp_path, _diff(inpaint_folder) + _aligner(m2f_dir) + over[:-1] + ["select=99"])
+    with pytest.raises(EntityNotFoundError, match="pick=99"):
+        manipulate(cfg)
 
 
 def test_semani_trans_with_user_mask(

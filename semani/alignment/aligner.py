@@ -12,7 +12,9 @@
   `selection="argmax"` takes the best (Eq. 1); `"threshold"` takes the best **always** and then
   every further one whose similarity is `>= threshold` (the authors' SeMani-Trans rule,
   0.163 with FILIP-large). `threshold_mode="strict"` also requires the best to reach the
-  threshold.
+  threshold. `pick` chooses the instance instead of the rule: `"all"` takes every eligible
+  proposal at or above the threshold (none: not found), `k` the k-th best eligible one (the
+  user's choice: no threshold applies); `"best"` (default) leaves the rule.
 
 The result's `mask` is the union of the chosen masks; with `token_grid=(h, w)` also
 `token_mask`, the union on that grid (`mask_to_token_mask`: bilinear, > 0).
@@ -51,6 +53,19 @@ __all__ = ["EntityAligner", "EntityEdit", "parse_entity_edits"]
 
 SELECTIONS = ("threshold", "argmax")
 THRESHOLD_MODES = ("keep_best", "strict")
+
+
+def check_pick(pick: str | int) -> str | int:
+    """`pick` as the aligner takes it: "best" (the selection rule), "all" (every eligible
+    proposal at or above the threshold) or k >= 1 (the k-th best eligible proposal; "2" too)."""
+    if isinstance(pick, str) and pick.strip().isdigit():
+        pick = int(pick)
+    ok = pick in ("best", "all") or (isinstance(pick, int) and not isinstance(pick, bool))
+    if not ok or (isinstance(pick, int) and pick < 1):
+        raise ValueError(
+            f"pick must be 'best', 'all' or a rank k >= 1 (the k-th best proposal), got {pick!r}"
+        )
+    return pick
 
 
 class EntityEdit(NamedTuple):
@@ -96,6 +111,8 @@ class EntityAligner(nn.Module):
         min_tokens: a proposal covering fewer cells of the editor's token grid is not eligible
             (the authors' 4); only used when `align` is given a `token_grid`.
         max_proposals: score only the segmenter's best N proposals (the authors: 5); None: all.
+        pick: "best" (the rule above), "all" (every eligible proposal at or above the
+            threshold) or k >= 1 (the k-th best eligible proposal, whatever its score).
     """
 
     def __init__(
@@ -107,8 +124,10 @@ class EntityAligner(nn.Module):
         threshold_mode: str = "keep_best",
         min_tokens: int = 4,
         max_proposals: int | None = None,
+        pick: str | int = "best",
     ) -> None:
         super().__init__()
+        self.pick = check_pick(pick)
         self.scorer = scorer
         self.segmenter = segmenter
         self.selection = selection or getattr(scorer, "selection", "argmax")
@@ -123,11 +142,12 @@ class EntityAligner(nn.Module):
                 f"threshold_mode must be one of {THRESHOLD_MODES}, got {threshold_mode!r}"
             )
         if self.threshold is None and (
-            self.selection == "threshold" or threshold_mode == "strict"
+            self.selection == "threshold" or threshold_mode == "strict" or self.pick == "all"
         ):
             raise ValueError(
-                f"selection={self.selection!r} with threshold_mode={threshold_mode!r} needs a "
-                f"threshold, and neither the aligner nor {type(scorer).__name__} has one"
+                f"selection={self.selection!r} with threshold_mode={threshold_mode!r} and "
+                f"pick={self.pick!r} needs a threshold, and neither the aligner nor "
+                f"{type(scorer).__name__} has one: pass threshold="
             )
 
     # ---------------------------------------------------------------- steps
@@ -220,15 +240,30 @@ class EntityAligner(nn.Module):
         order = idx[torch.argsort(sims[idx], descending=True, stable=True)].tolist()
         best = order[0]
         thr = self.threshold
-        if self.threshold_mode == "strict" and float(sims[best]) < thr:
-            raise not_found(f"no proposal reaches the threshold {thr} (threshold_mode='strict')")
-        chosen = [best]
-        if self.selection == "threshold" and not best_only:
-            chosen += [i for i in order[1:] if float(sims[i]) >= thr]
+        if isinstance(self.pick, int) and not best_only:  # the user's choice: no threshold
+            if self.pick > len(order):
+                raise not_found(
+                    f"pick={self.pick} asks for the {self.pick}th best proposal, and only "
+                    f"{len(order)} are eligible"
+                )
+            chosen = [order[self.pick - 1]]
+        elif self.pick == "all" and not best_only:
+            chosen = [i for i in order if float(sims[i]) >= thr]
+            if not chosen:
+                raise not_found(f"no proposal reaches the threshold {thr} (pick='all')")
+        else:
+            if self.threshold_mode == "strict" and float(sims[best]) < thr:
+                raise not_found(
+                    f"no proposal reaches the threshold {thr} (threshold_mode='strict')"
+                )
+            chosen = [best]
+            if self.selection == "threshold" and not best_only:
+                chosen += [i for i in order[1:] if float(sims[i]) >= thr]
         mask = proposals.masks[chosen].any(dim=0)  # (H, W)
         token_mask = token_masks[chosen].any(dim=0) if token_masks is not None else None
         extras = {
             "eligible": eligible,
+            "pick": self.pick,
             "selection": self.selection,
             "threshold": thr,
             "threshold_mode": self.threshold_mode,

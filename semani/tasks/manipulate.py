@@ -11,7 +11,9 @@ The task reads the input, calls `semani.EntityEditPipeline` (built from the `edi
    resized nearest) when given; every output has the input's size.
 2. **Edit** with the pipeline: `entity=bird text="a blue bird"`, or several edits
    `text="bird: a blue bird | branch: a snowy branch"`, or `mask=` and a plain text (no
-   alignment). Every proposal's similarity is logged, and which were chosen.
+   alignment). Every proposal's similarity is logged, and which were chosen, before any edit;
+   `select=best|all|<k>` picks the rule's choice, every proposal at or above the threshold,
+   or the k-th best (`alignment.pick`).
 3. **Write** into `out` (checked writable before any model is built; created only now) as one
    set, each to a temporary name, renamed when all three are complete (`semani.utils.atomic`:
    a crash leaves no half file): `edited.png`, `mask.png` (the union of the edited masks,
@@ -101,10 +103,10 @@ def manipulate(cfg: DictConfig) -> dict[str, Any]:
     check_writable(out)
     check_weights(cfg, skip=("alignment.",) if mask is not None else ())
     pipe = EntityEditPipeline.from_config(cfg, align=mask is None)
+    pipe.log_ranking = True  # the ranked proposals before any edit
     result = pipe(image, cfg.text, entity=cfg.get("entity"), mask=mask, seed=cfg.get("seed"))
-    for step in result.edits:
-        for line in step.describe():
-            log.info("%s", line)
+    if mask is not None:
+        log.info("%s", result.edits[0].describe()[0])
     paths = write_outputs(out, result)
     return {
         "outputs": {k: str(v) for k, v in paths.items()},
