@@ -20,6 +20,7 @@ from semani.metrics import (
     ClipScore,
     InceptionScore,
     L2Error,
+    SeamDifference,
     ShapesClassifier,
     StackGANInceptionV3,
     Table1Metrics,
@@ -27,6 +28,7 @@ from semani.metrics import (
     inception_score,
     load_clip,
     load_shapes_classifier,
+    seam_difference,
 )
 from semani.metrics.classifiers import to_uint8
 
@@ -339,6 +341,47 @@ def test_l2_equals_the_formula() -> None:
     assert float(metric.compute()) == pytest.approx(float(expected), rel=1e-6)
     with pytest.raises(ValueError, match="differ in shape"):
         metric.update(inputs, outputs[:, :, :4])
+
+
+def _seam_loop(image: np.ndarray, mask: np.ndarray) -> float:
+    """The seam by its definition: every 4-neighbour pair across the border, one at a time."""
+    diffs = []
+    h, w = mask.shape
+    for y in range(h):
+        for x in range(w):
+            for dy, dx in ((0, 1), (1, 0)):
+                v, u = y + dy, x + dx
+                if v < h and u < w and mask[y, x] != mask[v, u]:
+                    diffs.append(np.abs(image[:, y, x] - image[:, v, u]).mean() / 2)
+    return float(np.mean(diffs)) if diffs else math.nan
+
+
+def test_seam_equals_its_definition() -> None:
+    torch.manual_seed(3)
+    images = torch.rand(3, 3, 9, 11) * 2 - 1
+    masks = torch.zeros(3, 9, 11, dtype=torch.bool)
+    masks[0, 2:6, 3:8] = True
+    masks[1, :, :4] = True  # touches the image's edges: only the inner side is a border
+    masks[1, 7, 9] = True
+    # masks[2] empty: no border, NaN, left out of the mean
+    got = seam_difference(images, masks)
+    for k in range(3):
+        want = _seam_loop(images[k].double().numpy(), masks[k].numpy())
+        assert (math.isnan(want) and math.isnan(got[k])) or got[k] == pytest.approx(want)
+    flat = torch.zeros(1, 3, 9, 11)  # a uniform image has no seam wherever the mask is
+    assert float(seam_difference(flat, masks[:1])[0]) == 0.0
+
+    metric = SeamDifference()
+    outputs = images.clone()
+    outputs[masks[:, None].expand_as(outputs)] = 1.0  # a hard white paste
+    metric.update(images[:2], outputs[:2], masks[:2], index=torch.tensor([0, 1]))
+    metric.update(images[2:], outputs[2:], masks[2:], index=torch.tensor([2]))
+    seam, reference = metric.compute().tolist()
+    assert reference == pytest.approx(float(seam_difference(images[:2], masks[:2]).mean()))
+    assert seam == pytest.approx(float(seam_difference(outputs[:2], masks[:2]).mean()))
+    assert seam > reference  # the paste shows
+    with pytest.raises(ValueError, match="do not match"):
+        seam_difference(images, masks[:, :4])
 
 
 def test_table1_metrics_share_one_clip() -> None:

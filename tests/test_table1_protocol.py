@@ -197,7 +197,13 @@ def test_run_writes_the_table_row_images_and_grid(reference: dict[str, Any]) -> 
     assert metrics["table1/is_mean"] >= 1.0 and 0 <= metrics["table1/r1"] <= 100
     assert 0 < metrics["table1/l2"] < 1  # the own-caption edit changed the mask only
     md = (out / "table1.md").read_text()
-    head = "| Method | Data set | IS | CLIP-score | R@1 | R@5 | R@10 | L2-error | n | not found |"
+    seam, reference_seam = metrics["table1/seam"], metrics["table1/seam_input"]
+    assert 0 <= reference_seam < 1 and 0 <= seam < 1  # mean |colour step| across the border
+    assert float(row["seam"]) == pytest.approx(seam)
+    head = (
+        "| Method | Data set | IS | CLIP-score | R@1 | R@5 | R@10 | L2-error | seam | "
+        "seam of the input | n | not found |"
+    )
     assert head in md
     assert f"| SeMani-Diff | ShapesWorld | {metrics['table1/is_mean']:.2f} ± " in md
     tex = (out / "table1.tex").read_text()
@@ -269,7 +275,9 @@ def test_predictions_score_a_folder_as_the_run_that_made_it(
     folder = tmp_path / "manigan"
     shutil.copytree(reference["out"] / "images", folder, ignore=shutil.ignore_patterns("m*"))
     metrics = eval_main(_pred_cfg(tmp_path / "run", shapes_root, classifier, folder))
-    assert metrics == pytest.approx(reference["metrics"])  # the same images, the same plan
+    # the same images, the same plan; no masks, so no seam
+    unmasked = {k: v for k, v in reference["metrics"].items() if "seam" not in k}
+    assert metrics == pytest.approx(unmasked)
     row = _row(tmp_path / "run")
     assert (row["method"], row["mask"], row["n"]) == ("ManiGAN", "none", str(N))
     assert (tmp_path / "run" / "grid.png").is_file()

@@ -12,7 +12,8 @@ For each test image, in a seeded order:
 3. **Edit** (`edit_case`) with the target text, and with the own caption (L2), through
    `semani.EntityEditPipeline` with the mask.
 4. **Score** (`score_cases`) with `Table1Metrics`: IS, CLIP-score, R@1/5/10 of the target edits,
-   L2 between each image and its own-caption edit, read back from the files.
+   L2 between each image and its own-caption edit, read back from the files; and the seam
+   difference across the mask border of each edit (`semani.metrics.seam`, not the paper's).
 
 `run_cases` runs steps 2-4 over a list of cases and returns the row. The files of a run folder
 (`RunFiles`), each written to a temporary name then renamed (`semani.utils.atomic`) as soon as
@@ -326,10 +327,21 @@ def score_cases(
     edited = [read_rgb(find_image(files.target(c.key)), size) for c, _ in batch]
     metrics.update(torch.cat([_to_tensor(e, device) for e in edited]),
                    [c.target_text for c, _ in batch], index)  # fmt: skip
+    inputs = torch.cat([_to_tensor(x, device) for _, x in batch])
     if l2:
         own = torch.cat([_to_tensor(read_rgb(find_image(files.own(c.key)), size), device)
                          for c, _ in batch])  # fmt: skip
-        metrics.update_l2(torch.cat([_to_tensor(x, device) for _, x in batch]), own, index)
+        metrics.update_l2(inputs, own, index)
+    # the seam of the edits that have a mask (an entity not found was left unchanged); every
+    # batch updates it, empty or not, so that every process has updated it under DDP
+    if hasattr(metrics, "update_seam"):
+        masked = [k for k, (c, _) in enumerate(batch) if files.mask(c.key).is_file()]
+        masks = torch.zeros((len(masked), *size), dtype=torch.bool, device=device)
+        for j, k in enumerate(masked):
+            masks[j] = torch.from_numpy(read_rgb(files.mask(batch[k][0].key), size)[..., 0] > 127)
+        pick = torch.tensor(masked, dtype=torch.long, device=device)
+        outputs = torch.cat([_to_tensor(e, device) for e in edited])
+        metrics.update_seam(inputs[pick], outputs[pick], masks, index[pick])
 
 
 def run_cases(

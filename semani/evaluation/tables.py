@@ -42,13 +42,15 @@ __all__ = [
 TABLE1_COLUMNS = (
     *("method", "dataset", "mask", "n", "not_found", "skipped", "image_set"),
     *("is_mean", "is_std", "clip_score", "r1", "r5", "r10", "l2"),
+    *("seam", "seam_input"),  # not the paper's: semani.metrics.seam
 )
 # one run's table: (header, metric key); "is" is mean ± std
 RUN_COLUMNS = (("IS", "is"), ("CLIP-score", "clip_score"), ("R@1", "r1"), ("R@5", "r5"),
-               ("R@10", "r10"), ("L2-error", "l2"))  # fmt: skip
+               ("R@10", "r10"), ("L2-error", "l2"), ("seam", "seam"),
+               ("seam of the input", "seam_input"))  # fmt: skip
 # the paper's columns per data set
 PAPER_COLUMNS = (("IS", "is"), ("CLIP-score", "clip_score"), ("R@10", "r10"), ("L2", "l2"))
-DIGITS = {"l2": 4}  # decimals (2 unless listed); the paper's L2 has 2
+DIGITS = {"l2": 4, "seam": 3, "seam_input": 3}  # decimals (2 unless listed); the paper's L2 has 2
 DATASET_ORDER = (*PAPER_DATASETS, "ShapesWorld")
 
 

@@ -2,13 +2,15 @@
 
 `InceptionScore` (any classifier: `TFInceptionV3` for COCO, `StackGANInceptionV3` for CUB and
 Oxford, `ShapesClassifier` for ShapesWorld), `ClipScore`, `ClipRecall` (image->text R@N),
-`L2Error`, and `Table1Metrics`, which holds the four with one CLIP (`configs/metrics/`).
+`L2Error`, `SeamDifference` (not the paper's: the mask border's visibility), and
+`Table1Metrics`, which holds them with one CLIP (`configs/metrics/`).
 """
 
 from semani.metrics.classifiers import StackGANInceptionV3, TFInceptionV3, require_weights
 from semani.metrics.clip_metrics import ClipRecall, ClipScore, load_clip
 from semani.metrics.inception_score import InceptionScore, inception_score
 from semani.metrics.l2 import L2Error
+from semani.metrics.seam import SeamDifference, seam_difference
 from semani.metrics.shapes_classifier import ShapesClassifier, load_shapes_classifier
 from semani.metrics.table1 import Table1Metrics
 
@@ -17,6 +19,7 @@ __all__ = [
     "ClipScore",
     "InceptionScore",
     "L2Error",
+    "SeamDifference",
     "ShapesClassifier",
     "StackGANInceptionV3",
     "TFInceptionV3",
@@ -25,4 +28,5 @@ __all__ = [
     "load_clip",
     "load_shapes_classifier",
     "require_weights",
+    "seam_difference",
 ]

@@ -5,7 +5,9 @@
         metrics.update(edited, target_texts, index=batch["index"])
     for batch in loader:  # manipulated with the image's own caption
         metrics.update_l2(batch["image"], edited_own, index=batch["index"])
-    metrics.compute()  # {"is_mean", "is_std", "clip_score", "r1", "r5", "r10", "l2"}
+    metrics.update_seam(batch["image"], edited, masks, index=batch["index"])  # not the paper's
+    metrics.compute()  # {"is_mean", "is_std", "clip_score", "r1", "r5", "r10", "l2", "seam",
+                       #  "seam_input"}
 
 Each metric is a torchmetrics `Metric`: under DDP every process updates with its own images and
 `compute` gathers them (the same numbers on 1 or N processes when `index` is passed).
@@ -13,6 +15,7 @@ Each metric is a torchmetrics `Metric`: under DDP every process updates with its
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -22,12 +25,14 @@ from torch import Tensor
 from semani.metrics.clip_metrics import ClipRecall, ClipScore, load_clip
 from semani.metrics.inception_score import InceptionScore
 from semani.metrics.l2 import L2Error
+from semani.metrics.seam import SeamDifference
 
 __all__ = ["Table1Metrics"]
 
 
 class Table1Metrics(nn.Module):
-    """IS (mean, std), CLIP-score, image->text R@N and the L2 error of Table I.
+    """IS (mean, std), CLIP-score, image->text R@N and the L2 error of Table I, and the seam
+    difference across the mask border (`SeamDifference`, not in the paper).
 
     Args:
         classifier: the IS classifier (images in [-1, 1] -> logits).
@@ -61,6 +66,7 @@ class Table1Metrics(nn.Module):
             clip, caption_pool, ks=recall_ks, n_candidates=recall_candidates, seed=recall_seed
         )
         self.l2 = L2Error()
+        self.seam = SeamDifference()
 
     def update(self, images: Tensor, texts: Sequence[str], index: Tensor) -> None:
         """Images (B, 3, H, W) in [-1, 1] manipulated with `texts`; `index` (B,) their ids."""
@@ -71,6 +77,12 @@ class Table1Metrics(nn.Module):
     def update_l2(self, inputs: Tensor, outputs: Tensor, index: Tensor | None = None) -> None:
         """Inputs and their manipulation with their own caption, (B, 3, H, W) in [-1, 1]."""
         self.l2.update(inputs, outputs, index)
+
+    def update_seam(
+        self, inputs: Tensor, outputs: Tensor, masks: Tensor, index: Tensor | None = None
+    ) -> None:
+        """Inputs, their target edits (B, 3, H, W) in [-1, 1] and the edited masks (B, H, W)."""
+        self.seam.update(inputs, outputs, masks, index)
 
     def compute(self) -> dict[str, float]:
         """The metrics that were updated, as floats (R@N in percent)."""
@@ -84,8 +96,12 @@ class Table1Metrics(nn.Module):
             out.update({k: float(v) for k, v in self.recall.compute().items()})
         if self.l2.update_count:
             out["l2"] = float(self.l2.compute())
+        if self.seam.update_count:
+            seam, seam_input = (float(v) for v in self.seam.compute())
+            if not math.isnan(seam):  # some edit had a mask (predictions elsewhere: none)
+                out.update(seam=seam, seam_input=seam_input)
         return out
 
     def reset(self) -> None:
-        for m in (self.inception_score, self.clip_score, self.recall, self.l2):
+        for m in (self.inception_score, self.clip_score, self.recall, self.l2, self.seam):
             m.reset()
