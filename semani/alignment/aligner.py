@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from semani.alignment.cache import AlignmentCache, fingerprint
 from semani.alignment.scorers import EntityScorer, as_image
 from semani.alignment.types import AlignmentResult, EntityNotFoundError, EntityProposals
 from semani.utils.masks import mask_to_token_mask
@@ -113,6 +114,9 @@ class EntityAligner(nn.Module):
         max_proposals: score only the segmenter's best N proposals (the authors: 5); None: all.
         pick: "best" (the rule above), "all" (every eligible proposal at or above the
             threshold) or k >= 1 (the k-th best eligible proposal, whatever its score).
+        cache: keep the proposals and the scorer's image features of the last `cache` images
+            (`semani.alignment.cache`): a second edit of an image skips the segmenter and the
+            image tower; 0: none.
     """
 
     def __init__(
@@ -125,9 +129,11 @@ class EntityAligner(nn.Module):
         min_tokens: int = 4,
         max_proposals: int | None = None,
         pick: str | int = "best",
+        cache: int = 0,
     ) -> None:
         super().__init__()
         self.pick = check_pick(pick)
+        self.cache = AlignmentCache(cache) if cache else None
         self.scorer = scorer
         self.segmenter = segmenter
         self.selection = selection or getattr(scorer, "selection", "argmax")
@@ -175,14 +181,37 @@ class EntityAligner(nn.Module):
         for the ground-truth segmenter). `word` reaches only a text-conditioned segmenter (one
         with `text_conditioned = True`, e.g. GroundingDINO + SAM) as `segment(..., word=word)`;
         the others are called `segment(image, sample)`."""
+        return self._propose(image, sample, word, self._digest(image))
+
+    def _digest(self, image: Tensor) -> str | None:
+        return fingerprint(image) if self.cache is not None else None
+
+    def _propose(
+        self, image: Tensor, sample: Mapping[str, Any] | None, word: str | None, digest: str | None
+    ) -> EntityProposals:
         if self.segmenter is None:
             raise ValueError("this aligner has no segmenter: pass proposals= to align()")
-        if word is not None and getattr(self.segmenter, "text_conditioned", False):
-            return self.segmenter.segment(image, sample, word=word)
-        return self.segmenter.segment(image, sample)
+        per_word = getattr(self.segmenter, "text_conditioned", False)
+        if word is not None and per_word:
+
+            def make():
+                return self.segmenter.segment(image, sample, word=word)
+        else:
+
+            def make():
+                return self.segmenter.segment(image, sample)
+
+        if digest is None or sample is not None:
+            return make()
+        return self.cache.get(digest, ("proposals", word if per_word else None), make)
 
     def score(self, image: Tensor, proposals: EntityProposals, word: str) -> Tensor:
         """(K,) float similarities on the CPU; NaN where not scored (or beyond max_proposals)."""
+        return self._score(image, proposals, word, self._digest(image))
+
+    def _score(
+        self, image: Tensor, proposals: EntityProposals, word: str, digest: str | None
+    ) -> Tensor:
         K = len(proposals)
         keep = torch.arange(K)
         if self.max_proposals is not None and K > self.max_proposals:
@@ -191,7 +220,15 @@ class EntityAligner(nn.Module):
         sims = torch.full((K,), float("nan"))
         if len(keep):
             sub = proposals if len(keep) == K else _subset(proposals, keep)
-            sims[keep] = self.scorer(image, sub, word).float().cpu()
+            if digest is not None and hasattr(self.scorer, "encode"):
+                features = self.cache.get(
+                    digest,
+                    ("features", fingerprint(sub.masks)),
+                    lambda: self.scorer.encode(image, sub),
+                )
+                sims[keep] = self.scorer.compare(features, word).float().cpu()
+            else:
+                sims[keep] = self.scorer(image, sub, word).float().cpu()
         return sims
 
     def select(
@@ -294,9 +331,11 @@ class EntityAligner(nn.Module):
             EntityNotFoundError: no proposal matches (see the module docstring).
         """
         image = as_image(image)
-        proposals = self.propose(image, sample, word) if proposals is None else proposals
+        digest = self._digest(image)  # hashed once per call
+        if proposals is None:
+            proposals = self._propose(image, sample, word, digest)
         as_image(image, proposals)  # masks at the image's size
-        sims = self.score(image, proposals, word)
+        sims = self._score(image, proposals, word, digest)
         return self.select(word, sims, proposals, token_grid)
 
     forward = align
@@ -318,9 +357,11 @@ class EntityAligner(nn.Module):
         """
         pairs = parse_entity_edits(edits) if isinstance(edits, str) else list(edits)
         image = as_image(image)
+        digest = self._digest(image)  # hashed once per call
         per_word = proposals is None and getattr(self.segmenter, "text_conditioned", False)
         if not per_word:
-            proposals = self.propose(image, sample) if proposals is None else proposals
+            if proposals is None:
+                proposals = self._propose(image, sample, None, digest)
             as_image(image, proposals)
         word_proposals: dict[str, EntityProposals] = {}
         sims: dict[str, Tensor] = {}
@@ -329,10 +370,10 @@ class EntityAligner(nn.Module):
         for i, (word, text) in enumerate(pairs):
             if word not in sims:
                 if per_word:
-                    proposals = self.propose(image, sample, word)
+                    proposals = self._propose(image, sample, word, digest)
                     as_image(image, proposals)
                 word_proposals[word] = proposals
-                sims[word] = self.score(image, proposals, word)
+                sims[word] = self._score(image, proposals, word, digest)
             again = any(w == word for w, _ in pairs[i + 1 :])
             result = self.select(
                 word,

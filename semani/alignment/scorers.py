@@ -39,7 +39,9 @@ __all__ = [
 @runtime_checkable
 class EntityScorer(Protocol):
     """(image (3, H, W) in [-1, 1], proposals at (H, W), word) -> (K,) similarities (NaN: not
-    scored)."""
+    scored). The scorers here also split the call into `encode(image, proposals)` (the
+    word-independent features) and `compare(features, word)`, which `EntityAligner`'s cache
+    uses to score a second word on the same image without the image tower."""
 
     selection: str
     threshold: float | None
@@ -132,13 +134,24 @@ class MaskPromptScorer(nn.Module):
     mask_prompt = True  # the crops go through the mask-prompted CLIP
 
     @torch.no_grad()
-    def forward(self, image: Tensor, proposals: EntityProposals, word: str) -> Tensor:
-        """-> (K,) cosine similarities (NaN for empty masks)."""
+    def encode(self, image: Tensor, proposals: EntityProposals) -> Tensor:
+        """The word-independent part: (K, D) embeddings of the masked crops (what
+        `semani.alignment.cache` keeps per image)."""
         image = as_image(image, proposals)
         if len(proposals) == 0:
+            return torch.zeros(0, 0)
+        return self.model.encode_entities(image, proposals.masks, mask_prompt=self.mask_prompt)
+
+    @torch.no_grad()
+    def compare(self, features: Tensor, word: str) -> Tensor:
+        """`encode`'s (K, D) -> (K,) cosine similarities to the word's prompt."""
+        if features.shape[0] == 0:
             return torch.zeros(0)
-        emb = self.model.encode_entities(image, proposals.masks, mask_prompt=self.mask_prompt)
-        return (emb @ self.text(self.model.clip, word)).cpu()  # (K,)
+        return (features @ self.text(self.model.clip, word)).cpu()  # (K,)
+
+    def forward(self, image: Tensor, proposals: EntityProposals, word: str) -> Tensor:
+        """-> (K,) cosine similarities (NaN for empty masks)."""
+        return self.compare(self.encode(image, proposals), word)
 
 
 class MaskedCropClipScorer(nn.Module):
@@ -167,4 +180,5 @@ class MaskedCropClipScorer(nn.Module):
         self.selection = selection
 
     mask_prompt = False  # the same crops through the plain CLIP
+    encode, compare = MaskPromptScorer.encode, MaskPromptScorer.compare
     forward = MaskPromptScorer.forward

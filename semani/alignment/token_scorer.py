@@ -131,12 +131,24 @@ class TokenWiseScorer(nn.Module):
 
     # ---------------------------------------------------------------- score
 
-    def forward(self, image: Tensor, proposals: EntityProposals, word: str) -> Tensor:
-        """-> (K,) token-wise similarities (NaN for entities under `min_cells` cells)."""
+    def encode(self, image: Tensor, proposals: EntityProposals) -> tuple[Tensor, Tensor]:
+        """The word-independent part: the (N, D) patch embeddings and the (K, N) cells of each
+        proposal (what `semani.alignment.cache` keeps per image)."""
         image = as_image(image, proposals)
         if len(proposals) == 0:
-            return torch.zeros(0)
+            return torch.zeros(0, 0), torch.zeros(0, 0, dtype=torch.bool)
         patches = self.image_features(image)  # (N, D)
-        words = self.word_features(word)  # (T, D)
         cells = self.token_masks(proposals.masks.to(patches.device)).flatten(1)  # (K, N)
+        return patches, cells
+
+    def compare(self, features: tuple[Tensor, Tensor], word: str) -> Tensor:
+        """`encode`'s features -> (K,) token-wise similarities to the word."""
+        patches, cells = features
+        if cells.shape[0] == 0:
+            return torch.zeros(0)
+        words = self.word_features(word)  # (T, D)
         return entity_token_scores(patches, words, cells, self.min_cells).cpu()
+
+    def forward(self, image: Tensor, proposals: EntityProposals, word: str) -> Tensor:
+        """-> (K,) token-wise similarities (NaN for entities under `min_cells` cells)."""
+        return self.compare(self.encode(image, proposals), word)
