@@ -19,7 +19,9 @@ The image and mask go to the model grid as `DiffEditor` does (multiples of the V
 mask is resized to the latent grid (nearest), binarised at 0.5 and optionally dilated by
 `dilation` latent cells. At the end the latents are decoded and resized back; the pixel-space
 composite of `DiffEditor` is optional (off by default: the baseline as published keeps the
-VAE's reconstruction of the background).
+VAE's reconstruction of the background). `region="entity"` edits a context window around the
+mask and pastes it back (`semani.manipulation.region`; without the composite the whole window is
+the decoder's output).
 
 `unmasked_inpainting=True` runs it on a 9-channel inpainting UNet instead (a SeMani-Diff model)
 used as a text-to-image model: every UNet call gets the empty mask condition, an all-ones mask
@@ -50,6 +52,7 @@ from semani.manipulation.diff_editor import (
 )
 from semani.manipulation.pixels import composite as composite_images
 from semani.manipulation.pixels import feather_weights, prepare_inputs, resize_bilinear
+from semani.manipulation.region import check_region, edit_in_region
 from semani.modules.diffusion_parts import latent_mask
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,8 @@ class BlendedLatentEditor(LatentEditor):
         side, device, dtype, vae_tiling: as `DiffEditor`.
         unmasked_inpainting: `unet` is an inpainting UNet, run with the empty mask condition
             (module docstring).
+        region, context: "image" or "entity" (a window around the mask, its margin `context`
+            times the box's side), as `DiffEditor`.
     """
 
     inpaint = False  # from_pretrained reads a text-to-image folder
@@ -103,7 +108,13 @@ class BlendedLatentEditor(LatentEditor):
         dtype: torch.dtype | str | None = None,
         vae_tiling: bool = False,
         unmasked_inpainting: bool = False,
+        region: str = "image",
+        context: float = 0.5,
     ) -> None:
+        self.region, self.context = check_region(region, context)
+        if region == "entity" and not composite:
+            log.warning("region=entity without composite: the whole context window is the "
+                        "decoder's output, its border visible in the image")  # fmt: skip
         c = vae.config.latent_channels
         want = 2 * c + 1 if unmasked_inpainting else c
         if unet.config.in_channels != want:
@@ -227,7 +238,35 @@ class BlendedLatentEditor(LatentEditor):
         callback: BlendCallback | None = None,
     ) -> Any:
         """Edit the masked region of `image` after `text` (inputs and outputs as
-        `DiffEditor.edit`). Without the composite every pixel is the decoder's output."""
+        `DiffEditor.edit`). Without the composite every pixel (of the context window, with
+        ``region="entity"``) is the decoder's output."""
+        kwargs = dict(steps=steps, guidance_scale=guidance_scale, seed=seed, generator=generator,
+                      num_images=num_images, composite=composite, feather=feather,
+                      negative_text=negative_text, callback=callback)  # fmt: skip
+        return edit_in_region(
+            self.region,
+            self.context,
+            image,
+            [mask],
+            lambda crop, masks: self._edit(crop, masks[0], text, **kwargs),
+        )
+
+    def _edit(
+        self,
+        image: Any,
+        mask: Any,
+        text: str,
+        steps: int | None,
+        guidance_scale: float | None,
+        seed: int | None,
+        generator: torch.Generator | None,
+        num_images: int,
+        composite: bool | None,
+        feather: float | None,
+        negative_text: str | None,
+        callback: BlendCallback | None,
+    ) -> Any:
+        """`edit` on the whole of `image`."""
         src, pixel_mask, pixels, grid_mask = prepare_inputs(image, mask, self.factor, self.side)
         latents = self.generate_latents(
             pixels,

@@ -21,8 +21,10 @@ the all-gray masked image, drawn from the generator after the masked image's), w
 with `joint_dropout` teaches; "diffusers" empties the text only and keeps the real mask and
 masked image in the unconditional branch (diffusers' pipeline).
 
-`generate` returns the decoded images before step 4. The pixel side (input forms, model grid,
-composite) is `semani.manipulation.pixels`; `LatentEditor` and the loop's helpers are shared with
+`region="entity"` runs the four steps on a context window around the mask instead of the whole
+image and pastes it back (`semani.manipulation.region`). `generate` returns the decoded images
+before step 4. The pixel side (input forms, model grid, composite) is
+`semani.manipulation.pixels`; `LatentEditor` and the loop's helpers are shared with
 `semani.manipulation.blended`.
 """
 
@@ -45,6 +47,7 @@ from semani.manipulation.pixels import (
     prepare_inputs,
     resize_bilinear,
 )
+from semani.manipulation.region import check_region, edit_in_region
 from semani.modules.diffusion_parts import (
     decode_latents,
     encode_image,
@@ -281,6 +284,11 @@ class DiffEditor(LatentEditor):
         strength: 1 inpaints from noise; below 1 the entity's own latents are noised to that
             fraction of the schedule and denoised under the text (its shape and layout survive:
             "keep the shape, change the look"), as diffusers' `strength`.
+        region: "image" resizes the whole image to the model grid; "entity" edits a window
+            around the mask (its box grown by `context` times its longer side on every side,
+            square where the image allows) and pastes it back at the image's resolution
+            (`semani.manipulation.region`).
+        context: the window's margin for ``region="entity"``, a fraction of the box's side.
     """
 
     def __init__(
@@ -302,7 +310,10 @@ class DiffEditor(LatentEditor):
         guidance_form: str = "paper",
         composite: bool = True,
         strength: float = 1.0,
+        region: str = "image",
+        context: float = 0.5,
     ) -> None:
+        self.region, self.context = check_region(region, context)
         if guidance_form not in GUIDANCE_FORMS:
             raise ValueError(
                 f"guidance_form must be one of {GUIDANCE_FORMS}, got {guidance_form!r}"
@@ -439,8 +450,36 @@ class DiffEditor(LatentEditor):
             strength: see the constructor (None: its value).
         Returns:
             `num_images` edited images at the input size and of the input's kind (see
-            `composite`); outside the mask they equal the input exactly.
+            `composite`); outside the mask they equal the input exactly. With the constructor's
+            ``region="entity"`` the edit runs on a window around the mask, pasted back.
         """
+        kwargs = dict(steps=steps, guidance_scale=guidance_scale, seed=seed, generator=generator,
+                      num_images=num_images, feather=feather, negative_text=negative_text,
+                      callback=callback, strength=strength)  # fmt: skip
+        return edit_in_region(
+            self.region,
+            self.context,
+            image,
+            [mask],
+            lambda crop, masks: self._edit(crop, masks[0], text, **kwargs),
+        )
+
+    def _edit(
+        self,
+        image: Any,
+        mask: Any,
+        text: str,
+        steps: int | None,
+        guidance_scale: float | None,
+        seed: int | None,
+        generator: torch.Generator | None,
+        num_images: int,
+        feather: float | None,
+        negative_text: str | None,
+        callback: StepCallback | None,
+        strength: float | None,
+    ) -> Any:
+        """`edit` on the whole of `image`."""
         src, pixel_mask, pixels, grid_mask = prepare_inputs(image, mask, self.factor, self.side)
         latents = self.generate_latents(
             pixels,

@@ -26,13 +26,16 @@ from torch import Tensor
 __all__ = [
     "Source",
     "as_mask",
+    "as_original",
     "as_source",
     "composite",
     "feather_weights",
+    "from_kind",
     "model_size",
     "overlay",
     "prepare_inputs",
     "resize_bilinear",
+    "to_kind",
 ]
 
 TINT, TINT_ALPHA = (255, 0, 0), 0.5  # overlay: the mask in half-transparent red
@@ -49,6 +52,16 @@ class Source:
 
 def as_source(image: Any) -> Source:
     """The input image as a `Source` (see the module docstring for the accepted forms)."""
+    original, kind = as_original(image)
+    if kind == "float":
+        pixels = original.float()
+    else:
+        pixels = original.float() / 255 * 2 - 1  # as diffusers: x / 255, then 2x - 1
+    return Source(pixels=pixels[None], original=original, kind=kind)
+
+
+def as_original(image: Any) -> tuple[Tensor, str]:
+    """The input image as given, (3, H, W) uint8 or float, and its kind (`Source`'s fields)."""
     if isinstance(image, Image.Image):
         arr = np.asarray(image.convert("RGB")).copy()
         original, kind = torch.from_numpy(arr).permute(2, 0, 1), "pil"  # (3, H, W) uint8
@@ -66,11 +79,7 @@ def as_source(image: Any) -> Source:
         kind = "uint8" if original.dtype == torch.uint8 else "float"
     else:
         raise TypeError(f"image must be a PIL image, an array or a tensor, got {type(image)}")
-    if kind == "float":
-        pixels = original.float()
-    else:
-        pixels = original.float() / 255 * 2 - 1  # as diffusers: x / 255, then 2x - 1
-    return Source(pixels=pixels[None], original=original, kind=kind)
+    return original, kind
 
 
 def as_mask(mask: Any, size: tuple[int, int]) -> Tensor:
@@ -152,11 +161,25 @@ def composite(src: Source, edited: Tensor, weights: Tensor) -> Any:
         blend = orig.float() * (1 - w) + (edited * 2 - 1) * w  # (N, 3, H, W)
         return torch.where(keep, orig.float(), blend).to(orig.dtype)
     blend = (orig.float() * (1 - w) + edited * 255 * w).round().clamp(0, 255).to(torch.uint8)
-    out = torch.where(keep, orig, blend).cpu()  # (N, 3, H, W) uint8
-    if src.kind == "uint8":
-        return out
-    out = out.permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
-    return out if src.kind == "numpy" else [Image.fromarray(o) for o in out]
+    return to_kind(torch.where(keep, orig, blend).cpu(), src.kind)  # (N, 3, H, W) uint8
+
+
+def to_kind(images: Tensor, kind: str) -> Any:
+    """(N, 3, H, W) images (uint8, or float in [-1, 1] for "float") -> the form `kind` of a
+    `Source`: the tensor itself ("uint8", "float"), (N, H, W, 3) numpy or a list of PIL."""
+    if kind in ("uint8", "float"):
+        return images
+    out = images.cpu().permute(0, 2, 3, 1).numpy()  # (N, H, W, 3) uint8
+    return out if kind == "numpy" else [Image.fromarray(o) for o in out]
+
+
+def from_kind(images: Any, kind: str) -> Tensor:
+    """The inverse of `to_kind`: an editor's output of the form `kind` -> (N, 3, H, W)."""
+    if kind == "pil":
+        return torch.stack([as_original(o)[0] for o in images])
+    if kind == "numpy":
+        return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    return images
 
 
 def overlay(image: Image.Image, mask: np.ndarray) -> Image.Image:

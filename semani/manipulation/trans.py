@@ -11,7 +11,9 @@ Inference only, two levels:
   resizes to the model's size, turns the pixel mask into the token mask with
   `mask_to_token_mask` (`semani.utils.masks`, shared with the alignment phase: bilinear resize
   to the token grid, then `> 0`, as the paper prefers to max-pooling), calls the token editor,
-  resizes back and composites (`semani.manipulation.pixels`).
+  resizes back and composites (`semani.manipulation.pixels`); with `region="entity"` it does so
+  on a context window around the mask (the union of the masks for `edit_many`), pasted back at
+  the input's resolution (`semani.manipulation.region`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from semani.manipulation.pixels import (
     prepare_inputs,
     resize_bilinear,
 )
+from semani.manipulation.region import check_region, edit_in_region
 from semani.manipulation.sampling import sample_image_tokens
 from semani.modules.gpt import SemaniGPT
 from semani.utils.checkpoint import CheckpointMismatchError
@@ -222,6 +225,10 @@ class TransEditor:
         device: where the model runs (None: where it is).
         composite: paste the result into the input (every pixel outside the mask the input's);
             False returns the decoded image itself, resized back.
+        region: "image" resizes the whole image to `image_size`; "entity" a window around the
+            mask (its box grown by `context` times its longer side on every side, square where
+            the image allows), pasted back (`semani.manipulation.region`).
+        context: the window's margin for ``region="entity"``, a fraction of the box's side.
     """
 
     def __init__(
@@ -235,7 +242,10 @@ class TransEditor:
         min_tokens: int = 1,
         device: str | torch.device | None = None,
         composite: bool = True,
+        region: str = "image",
+        context: float = 0.5,
     ) -> None:
+        self.region, self.context = check_region(region, context)
         if device is not None:
             model = model.to(device)
         gpt, vqgan = model.gpt, model.vqgan
@@ -290,6 +300,16 @@ class TransEditor:
     def edit(self, image: Any, mask: Any, text: str, seed: int | None = None) -> list[Any]:
         """Re-sample the masked entity of `image` after `text`; inputs and output as
         `DiffEditor.edit` (one image)."""
+        return edit_in_region(
+            self.region,
+            self.context,
+            image,
+            [mask],
+            lambda crop, masks: self._edit(crop, masks[0], text, seed),
+        )
+
+    def _edit(self, image: Any, mask: Any, text: str, seed: int | None) -> list[Any]:
+        """`edit` on the whole of `image`."""
         src, pixel_mask, pixels, _ = prepare_inputs(image, mask, factor=1)  # (1,1,H,W), (1,3,H,W)
         H, W = src.original.shape[-2:]
         x = resize_bilinear(pixels, self.image_size).clamp(-1, 1)  # (1, 3, h, w)
@@ -305,9 +325,22 @@ class TransEditor:
         """Several entities of one image, as the authors edit them: each mask's tokens are
         re-sampled after its text on the *running tokens* (the previous edits' tokens, not a
         re-encoding of their decoded image), decoded once and pasted into the input inside the
-        union of the masks. Inputs and output as `edit`."""
+        union of the masks (with ``region="entity"``: in a window around that union). Inputs and
+        output as `edit`."""
         if len(masks) != len(texts) or not masks:
             raise ValueError(f"{len(masks)} masks for {len(texts)} texts")
+        return edit_in_region(
+            self.region,
+            self.context,
+            image,
+            masks,
+            lambda crop, crop_masks: self._edit_many(crop, crop_masks, texts, seed),
+        )
+
+    def _edit_many(
+        self, image: Any, masks: Sequence[Any], texts: Sequence[str], seed: int | None
+    ) -> list[Any]:
+        """`edit_many` on the whole of `image`."""
         src = as_source(image)
         H, W = src.original.shape[-2:]
         x = resize_bilinear(src.pixels, self.image_size).clamp(-1, 1)[0]  # (3, h, w)
