@@ -467,6 +467,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="STAGE:KEY=VALUE",
         help="an override for one stage (repeatable)",
     )
+    p.add_argument(
+        "--report-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a manipulate.py override for the main-job report's pipelines, e.g. "
+        "editor.strength=0.6 (repeatable)",
+    )
     p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides for every stage")
     args = p.parse_args(argv)
     args.preset = PRESETS[args.preset]
@@ -485,6 +493,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.jobs = 1 if args.device == "cuda" else 2
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
+    for item in args.report_set:
+        if "=" not in item:
+            p.error(f"--report-set {item!r}: want KEY=VALUE, e.g. editor.strength=0.6")
     for item in args.set:
         if item.split(":", 1)[0] not in STAGE_BY_NAME or "=" not in item:
             p.error(f"--set {item!r}: want STAGE:KEY=VALUE with a stage of {list(STAGE_BY_NAME)}")

@@ -381,3 +381,28 @@ def test_one_real_stage_lands_where_the_metrics_read_it(tmp_path, shapes_root, c
     with torch.no_grad():
         logits = load_shapes_classifier(path)(torch.zeros(1, 3, 64, 64))
     assert logits.shape == (1, 7)
+
+
+def test_report_overrides_reach_the_report_pipelines(tmp_path, monkeypatch, capsys) -> None:
+    """--report-set KEY=VALUE: manipulate.py overrides of the main-job report's pipelines
+    (e.g. editor.strength=0.6), named in its header; anything else is refused."""
+    args = sm.parse_args(_args(tmp_path, tmp_path, "--report-set", "editor.strength=0.6"))
+    assert args.report_set == ["editor.strength=0.6"]
+    with pytest.raises(SystemExit):
+        sm.parse_args(_args(tmp_path, tmp_path, "--report-set", "strength"))
+    assert "--report-set 'strength': want KEY=VALUE" in capsys.readouterr().err
+
+    from semani.tasks import shapes_report
+
+    seen = []
+
+    def fake_build(method, pretrained, overrides=()):
+        seen.append(list(overrides))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(shapes_report, "build_pipeline", fake_build)
+    monkeypatch.setattr(shapes_report, "shapes_test_set", lambda root: None)
+    monkeypatch.setattr(shapes_report, "plan_main_job", lambda data, n, seed: [])
+    with pytest.raises(RuntimeError, match="stop here"):
+        shapes_report.main_job_report(args)
+    assert seen == [["editor.strength=0.6"]]

@@ -154,13 +154,14 @@ def main_job_report(args: Any, minutes_so_far: float = 0.0) -> dict[str, Any]:
     torch.set_num_threads(max(1, getattr(args, "jobs", 1)))  # the cores the stages had
     data = shapes_test_set(args.data)
     plan = plan_main_job(data, args.report_n, seed=0)
+    extra = list(getattr(args, "report_set", []))  # manipulate.py overrides, e.g. strength
     rows = {}
     chance = {}
     for name, pretrained in (("trained", args.pretrained_dir),
                              ("untrained", args.pretrained_dir / "untrained")):  # fmt: skip
         print(f"[report] the main job with the {name} models on {len(plan)} held-out test "
               "images", flush=True)  # fmt: skip
-        pipeline = build_pipeline("semani_diff_shapes", pretrained)
+        pipeline = build_pipeline("semani_diff_shapes", pretrained, extra)
         with quiet("semani.pipeline"):  # one line per edit: a count every 25 instead
             job = run_main_job(pipeline, data, plan, seed=0, progress=_count(name))
         rows[name] = job
@@ -176,7 +177,8 @@ def main_job_report(args: Any, minutes_so_far: float = 0.0) -> dict[str, Any]:
     commands = try_next(args.data, args.pretrained_dir, data.keys[i], word, text)
     report = write_report(
         args.logs_dir, rows, chance, minutes,
-        header="make quickstart: find the entity a word names, then recolour it (ShapesWorld)",
+        header="make quickstart: find the entity a word names, then recolour it (ShapesWorld)"
+        + (f", with {' '.join(extra)}" if extra else ""),
         commands=commands,
     )  # fmt: skip
     print((args.logs_dir / "report.md").read_text(), flush=True)
