@@ -273,6 +273,14 @@ def proposal_views(
     return (image, annotations), headers, rows
 
 
+def picked_proposal(index: Any) -> str:
+    """The `select` value of a click on a proposal: gradio's `SelectData.index` of the
+    annotated image (the annotation's index) or of the table ([row, column])."""
+    if isinstance(index, (list, tuple)):
+        index = index[0]
+    return f"#{int(index)}"
+
+
 def _upload_path(image: Any) -> str | None:
     """The uploaded file's path from gradio's payload (a FileData dict) or a path."""
     if isinstance(image, dict):
@@ -502,7 +510,8 @@ def build_app(cfg: DictConfig, models: Models) -> Any:
                         value="best",
                         label="select",
                         info="best: the rule's pick; all: every proposal at or above the "
-                        "threshold; 2: the second best in the table (the next bird)...",
+                        "threshold; 2: the second best (the next bird); #3: proposal 3 "
+                        "(click it in the image or the table)",
                         max_length=8,
                         elem_id="select",
                     )
@@ -535,6 +544,13 @@ def build_app(cfg: DictConfig, models: Models) -> Any:
                 height=IMAGE_HEIGHT,
                 elem_id="result",
             )
+
+        def pick(evt: gr.SelectData) -> str:  # a clicked proposal is the next edit's select
+            return picked_proposal(evt.index)
+
+        pick.__annotations__["evt"] = gr.SelectData  # a class, not a string: gradio injects it
+        proposals.select(pick, None, select)
+        table.select(pick, None, select)
         if models.examples:
             gr.Examples(
                 models.examples,

@@ -191,8 +191,8 @@ class Limits:
             select = check_pick(select.strip() if isinstance(select, str) else select)
         except ValueError:
             raise ValueError(
-                f"select must be best, all or a rank (1: the best proposal, 2: the next...), "
-                f"got {str(select)[:32]!r}"
+                f"select must be best, all, a rank (1: the best proposal, 2: the next...) or a "
+                f"proposal of the table (#3), got {str(select)[:32]!r}"
             ) from None
         return Request(
             entity=_words("entity", entity, self.entity_chars).strip() or None,

@@ -402,7 +402,14 @@ def test_aligner_picks_the_instance():
     # a word asked for again later takes its best only; the last request the rest at >= 0.5
     found = EntityAligner(stub, seg, pick="all").align_many(img, "bird: a | bird: b")
     assert [e.result.chosen for e in found] == [[3], [1, 0]]
-    for bad in (0, -1, "some", 1.5, True):
+    # "#i": proposal i itself (the app's click), whatever its rank or score
+    assert EntityAligner(stub, seg, pick="#2").align(img, "bird").chosen == [2]
+    assert EntityAligner(stub, seg, pick=" #0").align(img, "cat").chosen == [0]
+    with pytest.raises(EntityNotFoundError, match=r"pick='#3' names proposal 3, and it is too"):
+        EntityAligner(stub, seg, pick="#3").align(img, "bird", token_grid=(8, 8))
+    with pytest.raises(EntityNotFoundError, match=r"pick='#7' .* only 4"):
+        EntityAligner(stub, seg, pick="#7").align(img, "bird")
+    for bad in (0, -1, "some", 1.5, True, "#", "#x", "#-1"):
         with pytest.raises(ValueError, match="pick must be"):
             EntityAligner(stub, seg, pick=bad)
 

@@ -207,8 +207,9 @@ def _no_server_path(message: str, *paths: Path) -> None:
         ({"threshold": 1.5}, "threshold must be empty or a number from -1 to 1, got 1.5"),
         ({"threshold": "abc"}, "threshold must be empty or a number from -1 to 1, got 'abc'"),
         ({"strict": "yes"}, "strict must be true or false, got 'yes'"),
-        ({"select": "0"}, "select must be best, all or a rank"),
-        ({"select": "first"}, "select must be best, all or a rank (1: the best proposal"),
+        ({"select": "0"}, "select must be best, all, a rank"),
+        ({"select": "first"}, "select must be best, all, a rank (1: the best proposal"),
+        ({"select": "#x"}, "select must be best, all, a rank"),
         ({"entity": "c" * 201}, "entity is 201 characters long: at most 200"),
         ({"text": "a" * 501}, "text is 501 characters long: at most 500"),
     ],
@@ -256,6 +257,13 @@ def test_select_picks_the_instance(client: Any, photo: Path) -> None:
     )
     message, *_ = _edit(client, photo, "circle", "a red circle", select=str(len(rows) + 1))
     assert message.startswith("error: no entity matches 'circle'") and "pick=" in message
+    # a click on a proposal (the image's annotation or a table row) selects it by its number
+    from semani.app import picked_proposal
+
+    assert picked_proposal(ranked[-1]) == picked_proposal([ranked[-1], 2]) == f"#{ranked[-1]}"
+    message, _, table, *_ = _edit(client, photo, "circle", "a red circle",
+                                  select=picked_proposal(ranked[-1]))  # fmt: skip
+    assert message.startswith(f"Edited 1 entity ('circle' -> #{ranked[-1]}"), message
 
 
 def test_public_message_names_files_only() -> None:

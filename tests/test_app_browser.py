@@ -163,3 +163,23 @@ def test_screenshot_script(
     image = Image.open(out)
     assert image.width == 800 and image.height > 400
     assert out.stat().st_size == report["bytes"] < 150_000
+
+
+def test_a_clicked_proposal_is_edited_next(page: Any, photo: Path) -> None:
+    """Click a row of the proposals table: the select box names that proposal, and the next
+    Edit changes that one."""
+    message = shot.edit_on_page(page, "circle", "a red circle", photo)
+    assert message.startswith("Edited 1 entity"), message
+    rows = _rows(page)
+    chosen = next(i for i, row in enumerate(rows) if row[2] == "circle")
+    other = next(i for i in range(len(rows)) if i != chosen)
+    page.locator("#table .virtual-row[role=row]").nth(other).locator(
+        "[role=gridcell]"
+    ).first.click()
+    box = page.locator("#select textarea, #select input").first
+    page.wait_for_function(
+        "([el, want]) => el.value === want", arg=[box.element_handle(), f"#{other}"]
+    )
+    message = shot.edit_on_page(page, "circle", "a red circle")
+    assert message.startswith(f"Edited 1 entity ('circle' -> #{other}"), message
+    assert [row[2] for row in _rows(page)].index("circle") == other

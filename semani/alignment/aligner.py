@@ -13,8 +13,9 @@
   every further one whose similarity is `>= threshold` (the authors' SeMani-Trans rule,
   0.163 with FILIP-large). `threshold_mode="strict"` also requires the best to reach the
   threshold. `pick` chooses the instance instead of the rule: `"all"` takes every eligible
-  proposal at or above the threshold (none: not found), `k` the k-th best eligible one (the
-  user's choice: no threshold applies); `"best"` (default) leaves the rule.
+  proposal at or above the threshold (none: not found), `k` the k-th best eligible one, `"#i"`
+  proposal i of the segmenter's list (the user's choice: no threshold applies); `"best"`
+  (default) leaves the rule.
 
 The result's `mask` is the union of the chosen masks; with `token_grid=(h, w)` also
 `token_mask`, the union on that grid (`mask_to_token_mask`: bilinear, > 0).
@@ -58,13 +59,17 @@ THRESHOLD_MODES = ("keep_best", "strict")
 
 def check_pick(pick: str | int) -> str | int:
     """`pick` as the aligner takes it: "best" (the selection rule), "all" (every eligible
-    proposal at or above the threshold) or k >= 1 (the k-th best eligible proposal; "2" too)."""
+    proposal at or above the threshold), k >= 1 (the k-th best eligible proposal; "2" too) or
+    "#i" (proposal i of the segmenter's list, as the app's table numbers them)."""
     if isinstance(pick, str) and pick.strip().isdigit():
         pick = int(pick)
+    if isinstance(pick, str) and pick.strip().startswith("#") and pick.strip()[1:].isdigit():
+        return f"#{int(pick.strip()[1:])}"
     ok = pick in ("best", "all") or (isinstance(pick, int) and not isinstance(pick, bool))
     if not ok or (isinstance(pick, int) and pick < 1):
         raise ValueError(
-            f"pick must be 'best', 'all' or a rank k >= 1 (the k-th best proposal), got {pick!r}"
+            "pick must be 'best', 'all', a rank k >= 1 (the k-th best proposal) or '#i' "
+            f"(proposal i), got {pick!r}"
         )
     return pick
 
@@ -113,7 +118,8 @@ class EntityAligner(nn.Module):
             (the authors' 4); only used when `align` is given a `token_grid`.
         max_proposals: score only the segmenter's best N proposals (the authors: 5); None: all.
         pick: "best" (the rule above), "all" (every eligible proposal at or above the
-            threshold) or k >= 1 (the k-th best eligible proposal, whatever its score).
+            threshold), k >= 1 (the k-th best eligible proposal, whatever its score) or "#i"
+            (proposal i, e.g. the one clicked in the app).
         cache: keep the proposals and the scorer's image features of the last `cache` images
             (`semani.alignment.cache`): a second edit of an image skips the segmenter and the
             image tower; 0: none.
@@ -277,7 +283,13 @@ class EntityAligner(nn.Module):
         order = idx[torch.argsort(sims[idx], descending=True, stable=True)].tolist()
         best = order[0]
         thr = self.threshold
-        if isinstance(self.pick, int) and not best_only:  # the user's choice: no threshold
+        if isinstance(self.pick, str) and self.pick.startswith("#") and not best_only:
+            i = int(self.pick[1:])  # the proposal the user clicked: no threshold
+            if i >= K or not eligible[i]:
+                why = "there are only {K}" if i >= K else "it is too small or already taken"
+                raise not_found(f"pick={self.pick!r} names proposal {i}, and " + why.format(K=K))
+            chosen = [i]
+        elif isinstance(self.pick, int) and not best_only:  # the user's choice: no threshold
             if self.pick > len(order):
                 raise not_found(
                     f"pick={self.pick} asks for the {self.pick}th best proposal, and only "
