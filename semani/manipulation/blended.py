@@ -52,7 +52,7 @@ from semani.manipulation.diff_editor import (
 )
 from semani.manipulation.pixels import composite as composite_images
 from semani.manipulation.pixels import feather_weights, prepare_inputs, resize_bilinear
-from semani.manipulation.region import check_region, edit_in_region
+from semani.manipulation.region import check_region
 from semani.modules.diffusion_parts import latent_mask
 
 log = logging.getLogger(__name__)
@@ -240,16 +240,10 @@ class BlendedLatentEditor(LatentEditor):
         """Edit the masked region of `image` after `text` (inputs and outputs as
         `DiffEditor.edit`). Without the composite every pixel (of the context window, with
         ``region="entity"``) is the decoder's output."""
-        kwargs = dict(steps=steps, guidance_scale=guidance_scale, seed=seed, generator=generator,
-                      num_images=num_images, composite=composite, feather=feather,
-                      negative_text=negative_text, callback=callback)  # fmt: skip
-        return edit_in_region(
-            self.region,
-            self.context,
-            image,
-            [mask],
-            lambda crop, masks: self._edit(crop, masks[0], text, **kwargs),
-        )
+        return self.edit_region(image, mask, text, steps=steps, guidance_scale=guidance_scale,
+                                seed=seed, generator=generator, num_images=num_images,
+                                composite=composite, feather=feather,
+                                negative_text=negative_text, callback=callback)  # fmt: skip
 
     def _edit(
         self,

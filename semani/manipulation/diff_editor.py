@@ -237,6 +237,17 @@ class LatentEditor:
                              f"None, got {side!r}")  # fmt: skip
         return side
 
+    def edit_region(self, image: Any, mask: Any, text: str, **kwargs: Any) -> Any:
+        """`self._edit(image, mask, text, **kwargs)` on the whole image or, with
+        ``region="entity"``, on the window around the mask, pasted back (`edit_in_region`)."""
+        return edit_in_region(
+            self.region,
+            self.context,
+            image,
+            [mask],
+            lambda crop, masks: self._edit(crop, masks[0], text, **kwargs),
+        )
+
     @property
     def device(self) -> torch.device:
         return self.unet.device
@@ -453,16 +464,10 @@ class DiffEditor(LatentEditor):
             `composite`); outside the mask they equal the input exactly. With the constructor's
             ``region="entity"`` the edit runs on a window around the mask, pasted back.
         """
-        kwargs = dict(steps=steps, guidance_scale=guidance_scale, seed=seed, generator=generator,
-                      num_images=num_images, feather=feather, negative_text=negative_text,
-                      callback=callback, strength=strength)  # fmt: skip
-        return edit_in_region(
-            self.region,
-            self.context,
-            image,
-            [mask],
-            lambda crop, masks: self._edit(crop, masks[0], text, **kwargs),
-        )
+        return self.edit_region(image, mask, text, steps=steps, guidance_scale=guidance_scale,
+                                seed=seed, generator=generator, num_images=num_images,
+                                feather=feather, negative_text=negative_text, callback=callback,
+                                strength=strength)  # fmt: skip
 
     def _edit(
         self,
