@@ -673,6 +673,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _named_loggers_only(record: logging.LogRecord) -> bool:
+    """Drop the INFO lines libraries write through the root logger (open_clip's "Parsing
+    model identifier ..."): the report's output stays its own."""
+    return record.name != "root" or record.levelno >= logging.WARNING
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_named_loggers_only)
     sys.exit(main())
