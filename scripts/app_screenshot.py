@@ -1,4 +1,4 @@
-"""Serve the app and screenshot a ShapesWorld edit in Chromium (the README's app screenshot).
+"""Serve the app and screenshot a ShapesWorld edit in Chromium (e.g. for the README).
 
     python scripts/app_screenshot.py --out docs/app_screenshot.png [app overrides ...]
 

@@ -1,7 +1,8 @@
 """Real released weights from `pretrained/` (marked slow; `make test-all` runs them).
 
-Each test skips, naming the file it needs, when the weights are absent (nothing can be
-downloaded at run time). Put them where the README's "Pretrained weights" says:
+Each test skips, naming the file it needs, when the weights are absent (the tests read
+`pretrained/` only; `python scripts/download_weights.py` fetches them). Put them where the
+README's "Pretrained weights" says:
 
 - `pretrained/vqgan_imagenet_f16_1024/{ckpts/last.ckpt,configs/model.yaml}` (taming);
 - `pretrained/clip/ViT-B-32.pt` (OpenAI's CLIP release file).
