@@ -71,6 +71,18 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 REPO_ROOT = CONFIG_DIR.parent
 
 
+def load_script(name: str):
+    """scripts/<name>.py as a module (registered in sys.modules: dataclasses look it up)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def compose(config_name: str, overrides: list[str], output_dir: Path | None = None):
     """Compose a real config of ``configs/`` as ``train.py``/``eval.py`` would, for in-process use.
 

@@ -4,9 +4,7 @@ downloads through fake fetchers (temporary name, then rename; the manifest). No 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import sys
 import urllib.error
 from pathlib import Path
 
@@ -21,20 +19,9 @@ from semani.utils.weight_files import (
     record_files,
     select_repo_files,
 )
-from tests.conftest import REPO_ROOT
+from tests.conftest import load_script
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "download_weights", REPO_ROOT / "scripts" / "download_weights.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["download_weights"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-dw = _load_script()
+dw = load_script("download_weights")
 
 
 @pytest.fixture(autouse=True)

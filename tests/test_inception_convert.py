@@ -8,9 +8,7 @@ its `inception_score.py` runs it (the moving averages restored, 299 px input in 
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,22 +17,12 @@ import torch
 
 from semani.metrics.classifiers import StackGANInceptionV3, stackgan_inception3
 from semani.utils.checkpoint import CheckpointMismatchError
-from tests.conftest import REPO_ROOT
+from tests.conftest import load_script
 
 NUM_OUTPUTS = 51  # CUB: 50 classes + the background
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "convert_stackgan_inception", REPO_ROOT / "scripts" / "convert_stackgan_inception.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["convert_stackgan_inception"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-conv = _load_script()
+conv = load_script("convert_stackgan_inception")
 
 
 def _tf_inception_v3(tf, images, num_classes: int):

@@ -3,33 +3,20 @@ where the evaluation and app configs read it; resumable, atomic installs."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import logging
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import CONFIG_DIR, REPO_ROOT, compose
+from tests.conftest import CONFIG_DIR, compose, load_script
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "shapes_models", REPO_ROOT / "scripts" / "shapes_models.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["shapes_models"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-sm = _load_script()
+sm = load_script("shapes_models")
 NAMES = [s.name for s in sm.STAGES]
 
 

@@ -5,7 +5,6 @@ real driver at a tiny scale (slow)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -26,20 +25,9 @@ from semani.tasks.shapes_report import (
     summary_report,
     table1_metrics,
 )
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, load_script
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "shapes_models", REPO_ROOT / "scripts" / "shapes_models.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["shapes_models"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-STAGES = _load_script().STAGES
+STAGES = load_script("shapes_models").STAGES
 INSTALL = {s.name: s.install for s in STAGES}
 N = 3  # test images per figure
 COLUMNS = ("stage", "figure", "trained", "untrained", "chance", "n")
