@@ -325,8 +325,8 @@ def score_cases(
     index = torch.tensor([c.index for c, _ in batch], device=device)
     size = batch[0][1].shape[:2]
     edited = [read_rgb(find_image(files.target(c.key)), size) for c, _ in batch]
-    metrics.update(torch.cat([_to_tensor(e, device) for e in edited]),
-                   [c.target_text for c, _ in batch], index)  # fmt: skip
+    outputs = torch.cat([_to_tensor(e, device) for e in edited])  # (B, 3, H, W)
+    metrics.update(outputs, [c.target_text for c, _ in batch], index)
     inputs = torch.cat([_to_tensor(x, device) for _, x in batch])
     if l2:
         own = torch.cat([_to_tensor(read_rgb(find_image(files.own(c.key)), size), device)
@@ -340,7 +340,6 @@ def score_cases(
         for j, k in enumerate(masked):
             masks[j] = torch.from_numpy(read_rgb(files.mask(batch[k][0].key), size)[..., 0] > 127)
         pick = torch.tensor(masked, dtype=torch.long, device=device)
-        outputs = torch.cat([_to_tensor(e, device) for e in edited])
         metrics.update_seam(inputs[pick], outputs[pick], masks, index[pick])
 
 
