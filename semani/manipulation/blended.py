@@ -83,6 +83,7 @@ class BlendedLatentEditor(LatentEditor):
             (module docstring).
         region, context: "image" or "entity" (a window around the mask, its margin `context`
             times the box's side), as `DiffEditor`.
+        latent_cache: as `DiffEditor` (the source image's posterior).
     """
 
     inpaint = False  # from_pretrained reads a text-to-image folder
@@ -110,6 +111,7 @@ class BlendedLatentEditor(LatentEditor):
         unmasked_inpainting: bool = False,
         region: str = "image",
         context: float = 0.5,
+        latent_cache: int = 4,
     ) -> None:
         self.region, self.context = check_region(region, context)
         if region == "entity" and not composite:
@@ -134,7 +136,8 @@ class BlendedLatentEditor(LatentEditor):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.variant = variant
-        self._set_parts(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, vae_tiling)
+        self._set_parts(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, vae_tiling,
+                        latent_cache)  # fmt: skip
         self.steps, self.guidance_scale = steps, guidance_scale
         self.negative_text, self.eta = negative_text, eta
         self.skip, self.dilation, self.side = skip, dilation, self.model_side(side)
@@ -145,7 +148,7 @@ class BlendedLatentEditor(LatentEditor):
         """The inpainting UNet's "no image context" channels for a model-grid image (1, 3, H, W):
         `inpaint_condition` with an all-ones mask, (1, 1 + C, H/f, W/f)."""
         everything = torch.ones_like(pixels[:, :1])  # (1, 1, H, W): re-paint every pixel
-        return inpaint_condition(self.vae, pixels, everything, generator, self.dtype)
+        return inpaint_condition(self.encode, pixels, everything, generator, self.dtype)
 
     def latent_mask(self, mask: Tensor) -> Tensor:
         """Model-grid pixel mask (1, 1, h*f, w*f) -> binary latent mask (1, 1, h, w)."""
@@ -191,7 +194,7 @@ class BlendedLatentEditor(LatentEditor):
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start)
         timesteps = scheduler.timesteps[start:]
-        posterior = self.vae.encode(pixels.to(device=device, dtype=self.vae.dtype)).latent_dist
+        posterior = self.posterior(pixels)
         source = (posterior.mean * self.vae.config.scaling_factor).to(dtype)  # (1, C, h, w)
         source = source.repeat(num_images, 1, 1, 1)  # (N, C, h, w)
         m = self.latent_mask(mask.to(device)).to(dtype)  # (1, 1, h, w)

@@ -50,12 +50,12 @@ from semani.manipulation.pixels import (
 from semani.manipulation.region import check_region, edit_in_region
 from semani.modules.diffusion_parts import (
     decode_latents,
-    encode_image,
     encode_text,
     latent_mask,
     load_sd_components,
     vae_scale_factor,
 )
+from semani.utils.image_cache import ImageCache, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -168,16 +168,20 @@ def prepare_components(
 
 
 def inpaint_condition(
-    vae, pixels: Tensor, mask: Tensor, generator: torch.Generator | None, dtype: torch.dtype
+    encode: Callable[[Tensor, torch.Generator | None], Tensor],
+    pixels: Tensor,
+    mask: Tensor,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
 ) -> Tensor:
     """What an inpainting UNet reads beside the noisy latents, for a model-grid image
     (1, 3, H, W) in [-1, 1] and mask (1, 1, H, W): (1, 1 + C, H/f, W/f), the mask on the latent
-    grid and E((1 - M) x), a posterior sample drawn from `generator` (diffusers' order)."""
-    device = vae.device
-    masked = pixels.to(device) * (mask.to(device) < 0.5)  # (1, 3, H, W)
-    masked_latents = encode_image(vae, masked, generator).to(dtype)  # (1, C, h, w)
-    m = latent_mask(mask.to(device), tuple(masked_latents.shape[-2:])).to(dtype)  # (1, 1, h, w)
-    return torch.cat([m, masked_latents], 1)
+    grid and E((1 - M) x), a posterior sample drawn from `generator` (diffusers' order) by
+    `encode` (`LatentEditor.encode`)."""
+    masked = pixels * (mask.to(pixels.device) < 0.5)  # (1, 3, H, W)
+    masked_latents = encode(masked, generator).to(dtype)  # (1, C, h, w)
+    m = latent_mask(mask.to(masked_latents.device), tuple(masked_latents.shape[-2:]))
+    return torch.cat([m.to(dtype), masked_latents], 1)  # (1, 1 + C, h, w)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +199,16 @@ class LatentEditor:
     min_tokens: int = 1
 
     def _set_parts(
-        self, unet, vae, text_encoder, tokenizer, scheduler, device, dtype, vae_tiling: bool
+        self,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        device,
+        dtype,
+        vae_tiling: bool,
+        latent_cache: int,
     ) -> None:
         self.unet, self.vae = unet, vae
         self.text_encoder, self.tokenizer, self.scheduler = text_encoder, tokenizer, scheduler
@@ -203,6 +216,26 @@ class LatentEditor:
         if vae_tiling:
             vae.enable_tiling()
         self.factor = vae_scale_factor(vae)
+        self.latent_cache = ImageCache(latent_cache) if latent_cache else None
+
+    def posterior(self, pixels: Tensor) -> Any:
+        """The VAE's posterior (diffusers' `DiagonalGaussianDistribution`) of model-grid pixels
+        (B, 3, H, W) in [-1, 1]. With `latent_cache`, those of the last N distinct inputs are
+        kept, keyed by their exact bytes: a second edit of a photo skips the encoder for the
+        image itself (`strength` < 1), the masked image under the same mask (a new text or seed)
+        and Eq. 15's empty condition (the all-gray image)."""
+        x = pixels.to(device=self.device, dtype=self.vae.dtype)
+        if self.latent_cache is None:
+            return self.vae.encode(x).latent_dist
+        return self.latent_cache.get(
+            fingerprint(x), "posterior", lambda: self.vae.encode(x).latent_dist
+        )
+
+    def encode(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Scaled latents of model-grid pixels: a posterior sample drawn from `generator`, as
+        `semani.modules.diffusion_parts.encode_image` (the same tensor whether the posterior was
+        cached or not)."""
+        return self.posterior(pixels).sample(generator) * self.vae.config.scaling_factor
 
     @classmethod
     def from_pretrained(
@@ -300,6 +333,9 @@ class DiffEditor(LatentEditor):
             square where the image allows) and pastes it back at the image's resolution
             (`semani.manipulation.region`).
         context: the window's margin for ``region="entity"``, a fraction of the box's side.
+        latent_cache: keep the VAE posteriors of the last N distinct model-grid inputs
+            (`posterior`; ours, not the paper's): a repeated edit of a photo skips encodes;
+            0: none.
     """
 
     def __init__(
@@ -323,6 +359,7 @@ class DiffEditor(LatentEditor):
         strength: float = 1.0,
         region: str = "image",
         context: float = 0.5,
+        latent_cache: int = 4,
     ) -> None:
         self.region, self.context = check_region(region, context)
         if guidance_form not in GUIDANCE_FORMS:
@@ -335,7 +372,8 @@ class DiffEditor(LatentEditor):
                 f"input channels (latent, mask, masked-image latent), got "
                 f"{unet.config.in_channels}; for a text-to-image UNet use BlendedLatentEditor"
             )
-        self._set_parts(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, vae_tiling)
+        self._set_parts(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, vae_tiling,
+                        latent_cache)  # fmt: skip
         self.steps, self.guidance_scale, self.feather = steps, guidance_scale, feather
         self.negative_text, self.eta, self.side = negative_text, eta, self.model_side(side)
         self.guidance_form, self.composite, self.strength = guidance_form, composite, strength
@@ -390,7 +428,7 @@ class DiffEditor(LatentEditor):
         h, w = pixels.shape[-2] // self.factor, pixels.shape[-1] // self.factor
         shape = (num_images, self.vae.config.latent_channels, h, w)
         if strength < 1:  # the image's latents, drawn before the noise (diffusers' order)
-            image_latents = encode_image(self.vae, pixels.to(device), generator).to(dtype)
+            image_latents = self.encode(pixels, generator).to(dtype)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         if strength < 1:
             latents = scheduler.add_noise(image_latents.repeat(num_images, 1, 1, 1), latents,
@@ -398,13 +436,13 @@ class DiffEditor(LatentEditor):
         else:
             latents = latents * scheduler.init_noise_sigma  # (N, C, h, w)
         # E((1 - M) x): drawn from the generator after the noise, as diffusers does
-        cond = inpaint_condition(self.vae, pixels, mask, generator, dtype)  # (1, 1 + C, h, w)
+        cond = inpaint_condition(self.encode, pixels, mask, generator, dtype)  # (1, 1 + C, h, w)
         cond = cond.repeat(num_images, 1, 1, 1)  # (N, 1 + C, h, w)
         if cfg:
             empty = cond  # diffusers: the unconditional branch keeps the mask and image
             if self.guidance_form == "paper":  # Eq. 15's ∅: the empty mask condition too
                 everything = torch.ones_like(mask)  # (1, 1, h, w): re-paint every pixel
-                empty = inpaint_condition(self.vae, pixels, everything, generator, dtype)
+                empty = inpaint_condition(self.encode, pixels, everything, generator, dtype)
                 empty = empty.repeat(num_images, 1, 1, 1)
             cond = torch.cat([empty, cond])  # (2N, 1 + C, h, w): [unconditional; conditional]
         extra = step_kwargs(scheduler, self.eta, generator)
