@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 SHAPES ?= data/shapes
 
-.PHONY: install test test-all quickstart lint format bench clean shapes-models
+.PHONY: install test test-all quickstart lint format bench clean shapes-models smoke-paper
 
 # The venv is (re)built when pyproject.toml changes. torch comes first, pinned, from the local
 # wheel cache (see README, "Install"); then the package with its dev and app (gradio, ~30 s)
@@ -75,3 +75,13 @@ clean:
 SHAPES_MODELS_ARGS ?=
 shapes-models: install
 	OMP_NUM_THREADS=1 $(PY) scripts/shapes_models.py --data $(SHAPES) $(SHAPES_MODELS_ARGS)
+
+# Every paper experiment once at full architecture size on CPU (scripts/smoke_paper.py): random
+# weights at real size in the real file layouts, generated data in the CUB / COCO / CC12M
+# layouts, one training step of each paper run, one Table-I image per method, one
+# manipulate.py edit per editor; prints peak memory, time and parameters. About an hour on 2
+# cores, ~25 GB of disk under logs/smoke_paper; rerun to resume. SMOKE_PAPER_ARGS, e.g.
+# "--only weights,semani_diff_coco", "--out /scratch/smoke", "--sampling-steps 50".
+SMOKE_PAPER_ARGS ?=
+smoke-paper: install
+	$(PY) scripts/smoke_paper.py $(SMOKE_PAPER_ARGS)
