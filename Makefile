@@ -79,9 +79,9 @@ shapes-models: install
 # Every paper experiment once at full architecture size on CPU (scripts/smoke_paper.py): random
 # weights at real size in the real file layouts, generated data in the CUB / COCO / CC12M
 # layouts, one training step of each paper run, one Table-I image per method, one
-# manipulate.py edit per editor; prints peak memory, time and parameters. About an hour on 2
-# cores, ~25 GB of disk under logs/smoke_paper; rerun to resume. SMOKE_PAPER_ARGS, e.g.
-# "--only weights,semani_diff_coco", "--out /scratch/smoke", "--sampling-steps 50".
+# manipulate.py edit per editor; prints peak memory, time and parameters. 16 minutes on 2
+# cores, 28 GB of disk under logs/smoke_paper, 21 GB of memory at its peak; rerun to resume.
+# SMOKE_PAPER_ARGS, e.g. "--only weights,semani_diff_coco", "--out /scratch/smoke".
 SMOKE_PAPER_ARGS ?=
 smoke-paper: install
 	$(PY) scripts/smoke_paper.py $(SMOKE_PAPER_ARGS)
