@@ -80,7 +80,8 @@ shapes-models: install
 # weights at real size in the real file layouts, generated data in the CUB / COCO / CC12M
 # layouts, one training step of each paper run, one Table-I image per method, one
 # manipulate.py edit per editor; prints peak memory, time and parameters. 16 minutes on 2
-# cores, 28 GB of disk under logs/smoke_paper, 21 GB of memory at its peak; rerun to resume.
+# cores, up to 45 GB of disk under logs/smoke_paper (28 GB at the end), 21 GB of memory at its
+# peak; rerun to resume.
 # SMOKE_PAPER_ARGS, e.g. "--only weights,semani_diff_coco", "--out /scratch/smoke".
 SMOKE_PAPER_ARGS ?=
 smoke-paper: install

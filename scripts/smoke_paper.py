@@ -55,6 +55,16 @@ from semani.evaluation.stage_figures import hydra_value
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_PARAMS = {"transformer": 152e6, "unet": 866e6}
+# GB a step leaves on disk (measured at 2026-12-02); SeMani-Diff's 15.6 GB checkpoint exists
+# until the step's end (`_diff_trained`)
+DISK_GB = {
+    "weights": 18.0,
+    "semani_trans_cc12m_pretrain": 1.9,
+    "semani_trans_cub": 1.9,
+    "semani_trans_cub_step2": 1.9,
+    "semani_diff_coco": 5.2,
+}
+DIFF_CHECKPOINT_GB = 15.6
 
 
 def coco_instances(data: Path) -> str:
@@ -449,6 +459,21 @@ def write_report(ctx: Context, records: list[dict]) -> str:
     return text
 
 
+def check_disk(out: Path, steps: Sequence[str], keep_checkpoints: bool) -> None:
+    """Refuse to start when the folder's disk cannot hold what the steps to run will write."""
+    need = sum(DISK_GB.get(name, 0.1) for name in steps)
+    if "semani_diff_coco" in steps:
+        need += DIFF_CHECKPOINT_GB
+    free = shutil.disk_usage(next(p for p in (out, *out.parents) if p.exists())).free / 1e9
+    if free < need:
+        kept = " (with --keep-checkpoints it stays)" if keep_checkpoints else ""
+        raise SystemExit(
+            f"error: the steps to run write up to {need:.0f} GB under {out} (the weights 18 GB, "
+            f"SeMani-Diff's checkpoint 16 GB while its step runs{kept}), but only {free:.0f} GB "
+            "is free there: pass --out <a folder on a disk with room>, or --only <fewer steps>"
+        )
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=REPO / "logs" / "smoke_paper")
@@ -496,6 +521,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{s.name}: {s.what}\n  $ {shlex.join(s.command(ctx))}")
         return 0
     done_dir = out / "steps"
+    todo = [n for n in only if args.force or not (done_dir / f"{n}.json").is_file()]
+    check_disk(out, todo, args.keep_checkpoints)
     done_dir.mkdir(parents=True, exist_ok=True)
     records, failed = [], set()
     t0 = time.perf_counter()

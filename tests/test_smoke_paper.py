@@ -84,6 +84,25 @@ def test_runner_records_resumes_and_skips_followers_of_a_failure(
     assert "done earlier" in capsys.readouterr().out
 
 
+def test_a_disk_without_room_is_refused_before_anything_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100e9, 70e9, 30e9))
+    out = tmp_path / "not yet"
+    with pytest.raises(SystemExit, match=r"up to 45 GB under .*not yet.*only 30 GB is free"):
+        smoke.main(["--out", str(out), "--photo", str(tmp_path)])
+    assert not out.exists()  # nothing started
+    # what is left to run decides: the weights and SeMani-Diff's step done, the rest fits
+    (out / "steps").mkdir(parents=True)
+    for name in ("weights", "data", "semani_diff_coco"):
+        (out / "steps" / f"{name}.json").write_text("{}")
+    smoke.check_disk(out, ["semani_trans_cub", "edit_semani_diff"], keep_checkpoints=False)
+
+
 def test_unknown_step_names_the_steps(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="unknown step.*'nope'.*weights"):
         smoke.main(["--out", str(tmp_path), "--photo", str(tmp_path), "--only", "nope"])
@@ -112,7 +131,7 @@ def test_every_paper_command_composes(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_smoke_paper_runs_every_paper_experiment_at_full_size(tmp_path: Path) -> None:
-    """The whole smoke (16 minutes on 2 CPU cores, 28 GB of disk, 21 GB of memory at its peak)."""
+    """The whole smoke (16 minutes on 2 CPU cores, up to 45 GB of disk, 21 GB of memory)."""
     out = tmp_path / "smoke"
     assert smoke.main(["--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
