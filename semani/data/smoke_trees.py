@@ -77,9 +77,8 @@ def _coco_caption(caption: str) -> str:
 def write_coco(root: str | Path, n_train: int = 4, n_test: int = 2, size: int = 512) -> Path:
     """AttnGAN's COCO layout plus COCO's instances files (`data=coco data.root=<root>
     data.instances_json={train: <root>/annotations/instances_train2014.json, test: ...val...}`);
-    replaces `root`. Images are JPEGs; every shape is a non-crowd instance whose polygon is its
-    bounding box's outline clipped to the visible mask's box (a rectangle: the readers decode
-    polygons with pycocotools)."""
+    replaces `root`. Images are JPEGs; every shape is a non-crowd instance whose polygon is the
+    bounding box of its visible pixels (a rectangle, decoded by the reader with pycocotools)."""
     root = Path(root)
     _fresh(root)
     (root / "images").mkdir()
