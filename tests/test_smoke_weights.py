@@ -19,11 +19,11 @@ from omegaconf import OmegaConf
 from semani.evaluation.smoke_weights import (
     COMPONENTS,
     RECORD,
-    VQGAN_DDCONFIG,
     build_paper_weights,
 )
 from semani.utils.weight_files import REGISTRY
 from tests.conftest import CONFIG_DIR
+from tests.test_vqgan import F16_DDCONFIG
 
 
 def _quiet(message: str) -> None:
@@ -175,14 +175,15 @@ def test_vqgan_is_taming_s_release_and_loads_as_semani_trans_tokenizer(pretraine
     assert result["params"] == {
         "vqgan": 72_141_699, "discriminator": 2_765_633, "lpips": 14_716_160,
     }  # fmt: skip
-    model_cfg = OmegaConf.load(CONFIG_DIR / "model" / "vqgan_f16_1024.yaml")
-    assert OmegaConf.to_container(model_cfg.ddconfig) == VQGAN_DDCONFIG
+    written = OmegaConf.load(pretrained / "vqgan_imagenet_f16_1024/configs/model.yaml")
+    assert OmegaConf.to_container(written.model.params.ddconfig) == F16_DDCONFIG  # taming's
+    assert written.model.params.n_embed == 1024 and written.model.params.embed_dim == 256
 
     # the release's loss keys: the project's own loss has the same discriminator
     sd = torch.load(pretrained / "vqgan_imagenet_f16_1024/ckpts/last.ckpt", weights_only=True)[
         "state_dict"
     ]
-    ours = VQGANModule(VQGAN_DDCONFIG, 1024, 256, loss={"disc_start": 1, "perceptual_weight": 0})
+    ours = VQGANModule(F16_DDCONFIG, 1024, 256, loss={"disc_start": 1, "perceptual_weight": 0})
     assert set(ours.state_dict()) < set(sd)
     assert {k.split(".")[1] for k in sd if k.startswith("loss.")} == {
         "discriminator", "perceptual_loss",

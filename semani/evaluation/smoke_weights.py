@@ -55,33 +55,24 @@ from semani.utils.weight_files import REGISTRY
 __all__ = [
     "COCO_PANOPTIC_LABELS",
     "COMPONENTS",
+    "PAPER_VQGAN",
     "RECORD",
-    "VQGAN_DDCONFIG",
     "Component",
     "build_paper_weights",
 ]
 
 RECORD = "SMOKE_WEIGHTS.json"
 
-# taming-transformers' ImageNet VQGAN f16-1024 (its configs/model.yaml)
-VQGAN_DDCONFIG = dict(
-    double_z=False,
-    z_channels=256,
-    resolution=256,
-    in_channels=3,
-    out_ch=3,
-    ch=128,
-    ch_mult=[1, 1, 2, 2, 4],
-    num_res_blocks=2,
-    attn_resolutions=[16],
-    dropout=0.0,
-)
-VQGAN_LOSS = dict(
-    disc_conditional=False,
-    disc_in_channels=3,
-    disc_start=250001,
-    disc_weight=0.8,
-    codebook_weight=1.0,
+# the paper's VQGAN (taming's ImageNet f16-1024): the project's own config of it, whose ddconfig,
+# codes, quantizer and loss values are taming's configs/model.yaml
+PAPER_VQGAN = Path(__file__).resolve().parents[2] / "configs" / "model" / "vqgan_f16_1024.yaml"
+# the loss values the release's yaml gives taming's VQLPIPSWithDiscriminator
+_TAMING_LOSS_KEYS = (
+    "disc_conditional",
+    "disc_in_channels",
+    "disc_start",
+    "disc_weight",
+    "codebook_weight",
 )
 # facebook/mask2former-swin-large-coco-panoptic: detectron2's COCO panoptic classes, 80 things
 # then 53 stuff
@@ -127,7 +118,14 @@ def _count(module: nn.Module) -> int:
 # builders: (staging folder laid out as the pretrained folder, seed) -> parameters per part
 
 
-def _taming_loss() -> nn.Module:
+def _paper_vqgan() -> dict:
+    """The paper VQGAN's config as plain values (`PAPER_VQGAN`)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(PAPER_VQGAN))
+
+
+def _taming_loss(loss: dict) -> nn.Module:
     """taming's `VQLPIPSWithDiscriminator` (the release's `loss.*` keys), built without its
     downloads: torchvision's VGG-16 and the LPIPS heads keep their random init."""
     import torchvision
@@ -139,7 +137,7 @@ def _taming_loss() -> nn.Module:
         mock.patch.object(lpips, "models", offline),
         mock.patch.object(lpips.LPIPS, "load_from_pretrained", lambda self, name=None: None),
     ):
-        return VQLPIPSWithDiscriminator(**VQGAN_LOSS)
+        return VQLPIPSWithDiscriminator(**loss)
 
 
 def build_vqgan(out: Path, seed: int) -> dict[str, int]:
@@ -148,14 +146,17 @@ def build_vqgan(out: Path, seed: int) -> dict[str, int]:
     from taming.modules.diffusionmodules.model import Decoder, Encoder
     from taming.modules.vqvae.quantize import VectorQuantizer2
 
-    n_embed, embed_dim, z = 1024, 256, VQGAN_DDCONFIG["z_channels"]
+    paper = _paper_vqgan()
+    ddconfig, n_embed, embed_dim = paper["ddconfig"], paper["n_embed"], paper["embed_dim"]
+    loss_params = {k: paper["loss"][k] for k in _TAMING_LOSS_KEYS}
+    z = ddconfig["z_channels"]
     with _seeded(seed):  # taming's VQModel: its attribute names give the state-dict keys
         model = nn.ModuleDict(
             {
-                "encoder": Encoder(**VQGAN_DDCONFIG),
-                "decoder": Decoder(**VQGAN_DDCONFIG),
-                "loss": _taming_loss(),
-                "quantize": VectorQuantizer2(n_embed, embed_dim, beta=0.25),
+                "encoder": Encoder(**ddconfig),
+                "decoder": Decoder(**ddconfig),
+                "loss": _taming_loss(loss_params),
+                "quantize": VectorQuantizer2(n_embed, embed_dim, beta=paper["beta"]),
                 "quant_conv": nn.Conv2d(z, embed_dim, 1),
                 "post_quant_conv": nn.Conv2d(embed_dim, z, 1),
             }
@@ -167,15 +168,15 @@ def build_vqgan(out: Path, seed: int) -> dict[str, int]:
     torch.save(ckpt, folder / "ckpts" / "last.ckpt")
     config = {
         "model": {
-            "base_learning_rate": 4.5e-6,
+            "base_learning_rate": paper["learning_rate"],
             "target": "taming.models.vqgan.VQModel",
             "params": {
                 "embed_dim": embed_dim,
                 "n_embed": n_embed,
-                "ddconfig": VQGAN_DDCONFIG,
+                "ddconfig": ddconfig,
                 "lossconfig": {
                     "target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
-                    "params": VQGAN_LOSS,
+                    "params": loss_params,
                 },
             },
         }
