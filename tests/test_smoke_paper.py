@@ -119,6 +119,8 @@ def test_every_paper_command_composes(tmp_path: Path) -> None:
         argv = step.command(ctx)
         if argv[1] not in entries:
             continue
+        # its run folder is the step's own: the one a rerun clears before it starts
+        assert f"hydra.run.dir={smoke.hydra_value(ctx.run_dir(step.name))}" in argv, step.name
         overrides = [a for a in argv[2:] if not a.startswith("hydra.")]
         cfg = compose(entries[argv[1]], overrides)
         assert cfg.paths.pretrained_dir == str(tmp_path / "pretrained"), step.name
