@@ -8,11 +8,11 @@ import torch
 from semani.modules.diffusion_parts import (
     COMPONENTS,
     decode_latents,
-    encode_image,
     encode_text,
     load_inpaint_components,
     load_sd_components,
     offline_clip_tokenizer,
+    sample_latents,
     tiny_inpaint_components,
     vae_scale_factor,
 )
@@ -89,7 +89,8 @@ def test_shared_operations_shapes(parts: dict) -> None:
         states = encode_text(parts["text_encoder"], parts["tokenizer"], ["a bird", ""])
         assert states.shape == (2, 77, 32)
         x = torch.rand(1, 3, 24, 40) * 2 - 1
-        z = encode_image(parts["vae"], x, torch.Generator().manual_seed(0))
+        posterior = parts["vae"].encode(x).latent_dist
+        z = sample_latents(parts["vae"], posterior, torch.Generator().manual_seed(0))
         assert z.shape == (1, 4, 3, 5)
         y = decode_latents(parts["vae"], z)
     assert y.shape == (1, 3, 24, 40) and y.dtype == torch.float32

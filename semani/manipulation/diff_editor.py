@@ -53,6 +53,7 @@ from semani.modules.diffusion_parts import (
     encode_text,
     latent_mask,
     load_sd_components,
+    sample_latents,
     vae_scale_factor,
 )
 from semani.utils.image_cache import ImageCache, fingerprint
@@ -232,10 +233,9 @@ class LatentEditor:
         )
 
     def encode(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Scaled latents of model-grid pixels: a posterior sample drawn from `generator`, as
-        `semani.modules.diffusion_parts.encode_image` (the same tensor whether the posterior was
-        cached or not)."""
-        return self.posterior(pixels).sample(generator) * self.vae.config.scaling_factor
+        """Scaled latents of model-grid pixels: a posterior sample drawn from `generator`
+        (`sample_latents`; the same tensor whether the posterior was cached or not)."""
+        return sample_latents(self.vae, self.posterior(pixels), generator)
 
     @classmethod
     def from_pretrained(

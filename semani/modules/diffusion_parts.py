@@ -10,7 +10,7 @@ Everything here is diffusers / transformers classes; nothing is re-implemented.
   (`model_index.json`), a Hugging Face hub id (downloaded by diffusers into the hub cache, or
   read from it when offline: `HF_HUB_OFFLINE=1`, see `semani.utils.hub`), or a single-file
   checkpoint.
-- `encode_text`, `encode_image`, `decode_latents`, `latent_mask`, `vae_scale_factor`: the few
+- `encode_text`, `sample_latents`, `decode_latents`, `latent_mask`, `vae_scale_factor`: the few
   operations that the editors (`semani.manipulation.diff_editor`, `.blended`) and the training
   module share, with diffusers' Stable-Diffusion conventions (scaling factor, padding).
 
@@ -49,13 +49,13 @@ __all__ = [
     "COMPONENTS",
     "SD15_SHAPES",
     "decode_latents",
-    "encode_image",
     "encode_text",
     "tokenize_text",
     "latent_mask",
     "load_inpaint_components",
     "load_sd_components",
     "offline_clip_tokenizer",
+    "sample_latents",
     "tiny_inpaint_components",
     "tiny_vae",
     "vae_scale_factor",
@@ -491,14 +491,11 @@ def encode_text(text_encoder, tokenizer, texts: list[str], ids: Tensor | None = 
     return text_encoder(ids.to(text_encoder.device))[0]  # (B, L, D)
 
 
-def encode_image(vae, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f), a sample of the posterior.
-
-    The sample draws from `generator` (diffusers' `latent_dist.sample(generator)`), then is
-    multiplied by the VAE's `scaling_factor` (0.18215 for SD).
-    """
-    dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    return dist.sample(generator) * vae.config.scaling_factor
+def sample_latents(vae, posterior, generator: torch.Generator | None = None) -> Tensor:
+    """Scaled latents (B, C, H/f, W/f) from the VAE's posterior of (B, 3, H, W) pixels
+    (`vae.encode(pixels).latent_dist`): a sample drawn from `generator` (diffusers'
+    `latent_dist.sample(generator)`) times the VAE's `scaling_factor` (0.18215 for SD)."""
+    return posterior.sample(generator) * vae.config.scaling_factor
 
 
 def decode_latents(vae, latents: Tensor) -> Tensor:
