@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "drop_entity_colours",
     "generate_shapes",
+    "make_scene",
     "noun_phrase",
     "with_article",
     "SHAPES",
@@ -409,6 +410,14 @@ def _captions(rng: np.random.Generator, scene: dict[str, Any]) -> list[str]:
 
 
 # -- writing --------------------------------------------------------------------------------------
+def make_scene(rng: np.random.Generator, size: int) -> tuple[dict[str, Any], list[str]]:
+    """One scene and its ten captions, drawn from `rng` (image `i` of `generate_shapes` is
+    `make_scene(np.random.default_rng([seed, i]), size)`): the scene's `image` (H, W, 3) uint8,
+    `masks` (one visible mask per entity), `entities`, `roles`, `background`, `relations`."""
+    scene = _sample_scene(rng, size)
+    return scene, _captions(rng, scene)
+
+
 def generate_shapes(
     out: str | Path,
     n_train: int,
@@ -444,8 +453,7 @@ def generate_shapes(
     images_txt, boxes_txt, splits = [], [], {"train": [], "test": []}
     for i in range(n_train + n_test):
         rng = np.random.default_rng([seed, i])
-        scene = _sample_scene(rng, size)
-        captions = _captions(rng, scene)
+        scene, captions = make_scene(rng, size)
         main_kind = scene["entities"][scene["roles"][0]]["name"]
         cls = f"{SHAPES.index(main_kind) + 1:03d}.{main_kind}"
         key = f"{cls}/img_{i:05d}"

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from semani.data.shapes_generator import _captions, _sample_scene, generate_shapes
+from semani.data.shapes_generator import generate_shapes, make_scene
 
 __all__ = ["SHAPE_TO_COCO", "write_coco", "write_cub", "write_webdataset"]
 
@@ -94,13 +94,13 @@ def write_coco(root: str | Path, n_train: int = 4, n_test: int = 2, size: int = 
         for j in range(n):
             image_id = offset + j + 1
             rng = np.random.default_rng([0, offset + j])
-            scene = _sample_scene(rng, size)
+            scene, captions = make_scene(rng, size)
             key = f"COCO_{subset}_{image_id:012d}"
             keys.append(key)
             Image.fromarray(scene["image"], mode="RGB").save(
                 root / "images" / f"{key}.jpg", quality=95
             )
-            captions = [_coco_caption(c) for c in _captions(rng, scene)[:5]]
+            captions = [_coco_caption(c) for c in captions[:5]]
             (root / "text" / f"{key}.txt").write_text("\n".join(captions) + "\n")
             images.append(
                 {"id": image_id, "file_name": f"{key}.jpg", "height": size, "width": size}
@@ -147,10 +147,10 @@ def write_webdataset(
             for j in range(per_shard):
                 index = shard * per_shard + j
                 rng = np.random.default_rng([1, index])
-                scene = _sample_scene(rng, size)
+                scene, captions = make_scene(rng, size)
                 buf = io.BytesIO()
                 Image.fromarray(scene["image"], mode="RGB").save(buf, format="JPEG", quality=95)
-                caption = _captions(rng, scene)[0].encode()
+                caption = captions[0].encode()
                 for ext, payload in (("jpg", buf.getvalue()), ("txt", caption)):
                     info = tarfile.TarInfo(f"{index:09d}.{ext}")
                     info.size = len(payload)
