@@ -29,7 +29,9 @@ SeMani-Diff's Table I and edit read the export of the smoke's own fine-tuning st
 (`--keep-checkpoints` keeps it). Departures from the paper's commands (each printed with its
 command): `trainer=cpu` (the experiments' bf16-mixed precision is kept), one step at batch 1;
 the random segmenters' proposals all kept (`alignment.segmenter.threshold=0.0`: random weights
-score every query low, and an entity must be found to be edited); SeMani-Trans' alignment with
+score every query low, and an entity must be found to be edited), and on the photo the paper's
+argmax (`alignment.threshold_mode=keep_best`: random scorers score every word under the
+strict default's threshold); SeMani-Trans' alignment with
 Mask2Former proposals in Table I and OVSeg's on the photo (the paper's EntitySeg needs
 detectron2, an optional backend; random Mask2Former masks on the photo are a few pixels, under
 the token-wise scorer's 4 CLIP cells); diffusion sampling with `--sampling-steps` DDIM steps
@@ -246,6 +248,7 @@ def _edit(method: str, *extra: str) -> Callable[[Context], list[str]]:
             "entity=cat",
             "text=a snow leopard",
             ANY_PROPOSAL,
+            PAPER_ARGMAX,
             *steps,
             *extra,
             f"out={hydra_value(c.run_dir('edit_' + method) / 'edits')}",
@@ -262,6 +265,9 @@ PHOTO_TRANS_ALIGNMENT = "alignment/segmenter=ovseg"
 # random segmenter weights score every query low: keep all, so that an entity is found and
 # edited (the released models' proposals pass the configs' thresholds)
 ANY_PROPOSAL = "alignment.segmenter.threshold=0.0"
+# and score every word low: the photo edits take the paper's argmax (Eq. 1), not manipulate.py's
+# strict default, which would refuse the word
+PAPER_ARGMAX = "alignment.threshold_mode=keep_best"
 STEPS: tuple[Step, ...] = (
     Step(
         "weights",

@@ -176,8 +176,22 @@ def test_bad_inputs_are_messages(client: Any, photo: Path, tmp_path: Path) -> No
     assert outputs == [{"headers": EMPTY_TABLE, "data": [], "metadata": None}, None, None]
     message, *_ = _edit(client, photo, "circle", "  ")
     assert message.startswith("error: text is empty")
-    message, *_ = _edit(client, photo, "circle", "a red circle", strict=True)
-    assert message.startswith("error: strict needs a threshold")
+
+
+def test_strict_without_any_threshold_is_an_error() -> None:
+    """A scorer configured without a threshold (alignment.scorer.threshold=null): the strict box
+    or select=all has nothing to compare with."""
+    from types import SimpleNamespace
+
+    from semani.app import _with_selection
+
+    aligner = SimpleNamespace(pick="best", selection="argmax", threshold=None,
+                              threshold_mode="keep_best", scorer=SimpleNamespace())  # fmt: skip
+    pipeline = SimpleNamespace(aligner=aligner, editor=None)
+    with pytest.raises(ValueError, match="strict needs a threshold: SimpleNamespace has none"):
+        _with_selection(pipeline, None, True)
+    with pytest.raises(ValueError, match="select=all needs a threshold"):
+        _with_selection(pipeline, None, False, "all")
 
 
 def _no_server_path(message: str, *paths: Path) -> None:
@@ -237,8 +251,10 @@ def test_threshold_is_empty_or_a_number(client: Any, photo: Path) -> None:
     for threshold in ("", "  ", "-1", "0.25"):
         message, *_ = _edit(client, photo, "circle", "a red circle", threshold=threshold)
         assert message.startswith("Edited 1 entity"), (threshold, message)
+    # blank with strict: the scorer's own threshold (masked_crop_clip's 0.2; the random scores
+    # stay under it)
     message, *_ = _edit(client, photo, "circle", "a red circle", threshold="", strict=True)
-    assert message.startswith("error: strict needs a threshold")
+    assert message.startswith("error: no entity matches 'circle'") and "threshold 0.2" in message
 
 
 def test_select_picks_the_instance(client: Any, photo: Path) -> None:

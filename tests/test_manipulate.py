@@ -84,7 +84,10 @@ def _diff(folder: Path) -> list[str]:
             "editor.guidance_scale=1.0", "editor.side=null"]  # fmt: skip
 
 
-def _aligner(m2f: Path, extra: list[str] = ()) -> list[str]:
+def _aligner(m2f: Path, extra: list[str] = (), mode: str | None = "keep_best") -> list[str]:
+    """The tiny segmenter and scorer; random weights score at random, so the paper's argmax
+    (`mode`) unless a test asks for another rule (None: manipulate.py's default, strict)."""
+    mode = [f"alignment.threshold_mode={mode}"] if mode else []
     return [
         "alignment/segmenter=mask2former",
         f"alignment.segmenter.model_name_or_path={m2f}",
@@ -93,6 +96,7 @@ def _aligner(m2f: Path, extra: list[str] = ()) -> list[str]:
         "alignment/scorer=masked_crop_clip",
         f"alignment.scorer.model_name={TINY_CLIP_NAME}",
         "alignment.scorer.pretrained=null",
+        *mode,
         *extra,
     ]
 
@@ -255,6 +259,24 @@ def test_semani_trans_aligns_on_its_token_grid(
     _check_kept_outside(tmp_path / "out", rgba_image, mask)
 
 
+def test_strict_default_has_a_threshold_for_every_method() -> None:
+    """manipulate.py and the app refuse a word under the threshold by default; every method
+    (and the app's ShapesWorld fallback) configures one, so none fails to build; Table I keeps
+    the paper's argmax."""
+    methods = sorted(p.stem for p in (REPO_ROOT / "configs" / "method").glob("*.yaml"))
+    for method in (m for m in methods if m != "predictions"):  # predictions: no alignment
+        cfg = compose("manipulate", [f"method={method}"])
+        assert cfg.alignment.threshold_mode == "strict", method
+        threshold = cfg.alignment.threshold
+        threshold = cfg.alignment.scorer.threshold if threshold is None else threshold
+        assert isinstance(threshold, float), (method, threshold)
+    app = compose("app", [])
+    assert app.alignment.threshold_mode == "strict"
+    assert isinstance(app.shapes.alignment.scorer.threshold, float)
+    table1 = compose("eval", ["protocol=table1", "method=semani_diff", "data=cub"])
+    assert table1.alignment.threshold_mode == "keep_best"
+
+
 def test_method_configs_pick_the_papers_scorers() -> None:
     scorers = {e: compose("manipulate", [f"method={e}"]).alignment.scorer._target_
                for e in ("semani_diff", "semani_trans", "blended_ldm")}  # fmt: skip
@@ -277,7 +299,7 @@ def test_unknown_entity_exits_nonzero_listing_the_proposals(
               "alignment.threshold_mode=strict"]  # fmt: skip
     cfg = _cfg(
         tmp_path,
-        _diff(inpaint_folder) + _aligner(m2f_dir, strict)
+        _diff(inpaint_folder) + _aligner(m2f_dir, strict, mode=None)
         + [f"image={rgba_image}", "entity=zebra", "text=a zebra"],
     )  # fmt: skip
     with caplog.at_level(logging.INFO, logger="semani"):
@@ -289,6 +311,30 @@ def test_unknown_entity_exits_nonzero_listing_the_proposals(
     listed = [r.getMessage() for r in caplog.records if "proposal #" in r.getMessage()]
     assert listed and all("similarity" in m for m in listed)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_strict_is_the_default_and_select_1_edits_the_best_anyway(
+    tmp_path: Path, inpaint_folder: Path, m2f_dir: Path, rgba_image: Path
+) -> None:
+    cfg = _cfg(
+        tmp_path,
+        _diff(inpaint_folder) + _aligner(m2f_dir, ["alignment.threshold=1.01"], mode=None)
+        + [f"image={rgba_image}", "entity=zebra", "text=a zebra"],
+    )  # fmt: skip
+    assert cfg.alignment.threshold_mode == "strict"
+    with pytest.raises(SystemExit) as exc:
+        main(cfg)
+    message = str(exc.value.code)
+    assert "threshold 1.01" in message and "select=1" in message
+    # the user's pick takes the best proposal whatever its score, and edits it
+    result = manipulate(_cfg(tmp_path, [*_diff(inpaint_folder),
+                                        *_aligner(m2f_dir, ["alignment.threshold=1.01"], None),
+                                        f"image={rgba_image}", "entity=zebra", "text=a zebra",
+                                        "select=1"]))  # fmt: skip
+    (edit,) = result["edits"]
+    sims = torch.tensor(edit["similarities"]).nan_to_num(-9)
+    assert edit["chosen"] == [int(sims.argmax())] and float(sims.max()) < 1.01
+    assert _outputs(tmp_path / "out")["mask"].any()
 
 
 @pytest.mark.parametrize("case", ["junk", "missing", "no_ckpt"])

@@ -392,4 +392,5 @@ def test_report_overrides_reach_the_report_pipelines(tmp_path, monkeypatch, caps
     monkeypatch.setattr(shapes_report, "plan_main_job", lambda data, n, seed: [])
     with pytest.raises(RuntimeError, match="stop here"):
         shapes_report.main_job_report(args)
-    assert seen == [["editor.strength=0.6"]]
+    # the paper's argmax first (the report measures it), then the user's overrides
+    assert seen == [["alignment.threshold_mode=keep_best", "editor.strength=0.6"]]

@@ -303,7 +303,8 @@ class EntityAligner(nn.Module):
         else:
             if self.threshold_mode == "strict" and float(sims[best]) < thr:
                 raise not_found(
-                    f"no proposal reaches the threshold {thr} (threshold_mode='strict')"
+                    f"no proposal reaches the threshold {thr} (threshold_mode='strict'; to "
+                    "edit the best one anyway pick it: select=1, or lower the threshold)"
                 )
             chosen = [best]
             if self.selection == "threshold" and not best_only:
