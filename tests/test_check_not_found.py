@@ -81,6 +81,8 @@ def test_run_measures_the_configured_default_and_a_calibrated_threshold(
     assert configured["n"] == n > 0
     for m in (configured, calibrated["calibration"], calibrated["held_out"]):
         assert 0 <= m["false_edit_rate"] <= 1 and 0 <= m["refused_present"] <= 1
+    assert result["keep_best"]["refused_present"] == 0.0
+    assert result["keep_best"]["false_edit_rate"] >= configured["false_edit_rate"]
     keep_best = check.run("semani_diff", tmp_path, dataset, vocabulary, 3, 0,
                           [*overrides, "alignment.threshold_mode=keep_best"])  # fmt: skip
     assert keep_best["configured"]["threshold"] is None
