@@ -14,7 +14,8 @@ One call, three steps:
    `text` is one plain text and the alignment phase is skipped.
 2. **Align** (`align`): every word is found on the *input* image before anything is generated
    (`EntityAligner.align_many`, on the editor's token grid where it has one, so that proposals
-   too small for it are not eligible): a word that is not found stops the call with
+   too small for it are not eligible; with ``region="entity"`` the editor counts them in its
+   window instead, `alignment_grid`): a word that is not found stops the call with
    `EntityNotFoundError` (which carries every proposal and its similarity), and an edit cannot
    hide a later entity.
 3. **Edit** the entities one after another, in the order of the text, each starting from the
@@ -45,6 +46,7 @@ from semani.alignment.types import AlignmentResult, EntityProposals
 from semani.data.transforms import image_to_tensor, to_uint8
 from semani.manipulation.editor import Editor, sampler_options
 from semani.manipulation.pixels import as_mask, overlay
+from semani.manipulation.region import alignment_grid
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +235,8 @@ class EntityEditPipeline:
         sample: Mapping[str, Any] | None = None,
         proposals: EntityProposals | None = None,
     ) -> list[EditStep]:
-        """Find every (word, text) of `plan` on `image`, on the editor's token grid.
+        """Find every (word, text) of `plan` on `image`, on the editor's token grid
+        (`alignment_grid`).
 
         Raises:
             EntityNotFoundError: a word no proposal matches.
@@ -245,7 +248,7 @@ class EntityEditPipeline:
             tensor = _as_inputs(image)[1]
         with torch.inference_mode():
             found = self.aligner.align_many(
-                tensor, plan, self.editor.token_grid, proposals, sample
+                tensor, plan, alignment_grid(self.editor), proposals, sample
             )
         return [EditStep(e.word, e.text, e.result.mask.cpu().numpy(), e.result) for e in found]
 

@@ -370,3 +370,37 @@ def test_check_region_shapes_reports_both_regions(inpaint_folder: Path, shapes_r
         assert result["photo"][region]["seconds_per_edit"] > 0
         assert result["photo"][region]["peak_rss_mb"] > 0
     assert sum(result["discordant"].values()) <= 3
+
+
+def test_region_entity_aligns_a_small_entity_the_whole_image_grid_would_drop(parts) -> None:
+    """A 16x20 px entity of a 300x500 photo covers under 4 cells of SeMani-Trans's 8x8 grid over
+    the whole image (ineligible, as the authors skip such entities), but most of its window's:
+    with region="entity" the alignment does not count whole-image cells and the entity is
+    edited, every pixel outside its mask kept."""
+    from semani.alignment import EntityAligner
+    from semani.alignment.types import EntityNotFoundError, EntityProposals
+    from semani.manipulation.region import alignment_grid
+    from semani.pipeline import EntityEditPipeline
+
+    class OneScorer:  # every proposal matches
+        selection, threshold = "argmax", None
+
+        def __call__(self, image, proposals, word):
+            return torch.ones(len(proposals))
+
+    image, mask = image_and_mask(300, 500, (200, 216, 40, 60), seed=2)
+    proposals = EntityProposals(torch.from_numpy(mask)[None], torch.ones(1))
+    aligner = EntityAligner(OneScorer(), min_tokens=4)
+    whole = make_editor("trans", parts, min_tokens=4)
+    assert alignment_grid(whole) == whole.token_grid == (8, 8)
+    assert int(mask_to_token_mask(torch.from_numpy(mask), (8, 8), min_tokens=0).sum()) < 4
+    with pytest.raises(EntityNotFoundError, match=r"fewer than 4 cells of the \(8, 8\)"):
+        EntityEditPipeline(aligner, whole)(image, TEXT, entity="circle", proposals=proposals)
+    window = make_editor("trans", parts, min_tokens=4, region="entity")
+    assert alignment_grid(window) is None
+    result = EntityEditPipeline(aligner, window)(
+        image, TEXT, entity="circle", proposals=proposals, seed=0
+    )
+    edited = np.asarray(result.image)
+    assert np.array_equal(result.mask, mask) and np.array_equal(edited[~mask], image[~mask])
+    assert not np.array_equal(edited[mask], image[mask])

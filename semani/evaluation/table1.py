@@ -48,6 +48,7 @@ from semani.data.transforms import from_uint8, to_uint8
 from semani.evaluation.tables import TABLE1_COLUMNS, latex_row_table, markdown_row_table
 from semani.evaluation.words import COCO_WORDS, pick_word
 from semani.manipulation.pixels import overlay
+from semani.manipulation.region import alignment_grid
 from semani.utils.atomic import save_image, write_csv, write_text
 from semani.utils.errors import one_line
 from semani.utils.masks import mask_to_token_mask
@@ -239,7 +240,7 @@ def find_mask(case: Case, sample: dict, mode: str, pipeline: Any) -> tuple:
     if case.word is None:
         raise EntityNotFoundError("", [], "the image has no candidate entity word")
     editor = pipeline.editor
-    grid = editor.token_grid
+    grid = alignment_grid(editor)
     if mode == "ground_truth":
         if sample.get("entity_masks") is None:
             raise ValueError("table1.mask=ground_truth needs a data set with entity masks")

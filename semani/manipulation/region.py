@@ -29,7 +29,14 @@ from torch import Tensor
 
 from semani.manipulation.pixels import as_mask, as_original, from_kind, to_kind
 
-__all__ = ["REGIONS", "check_region", "context_box", "crop_image", "edit_in_region"]
+__all__ = [
+    "REGIONS",
+    "alignment_grid",
+    "check_region",
+    "context_box",
+    "crop_image",
+    "edit_in_region",
+]
 
 REGIONS = ("image", "entity")  # what an editor resizes to its model: the photo or a window
 Box = tuple[int, int, int, int]  # (y0, y1, x0, x1), end-exclusive
@@ -45,6 +52,16 @@ def check_region(region: str, context: float) -> tuple[str, float]:
     if not (math.isfinite(context) and context >= 0):
         raise ValueError(f"context must be a finite number >= 0, got {context}")
     return region, float(context)
+
+
+def alignment_grid(editor: Any) -> tuple[int, int] | None:
+    """The grid on which the alignment phase counts a proposal's cells (`min_tokens`): the
+    editor's token grid when it edits the whole image; None with ``region="entity"``, whose
+    window is fitted to the entity: a small entity of a large photo covers few cells of the
+    whole image's grid but most of its window's, where the editor counts them itself
+    (`MaskTooSmallError`)."""
+    grid = getattr(editor, "token_grid", None)
+    return grid if getattr(editor, "region", "image") == "image" else None
 
 
 def _span(lo: int, hi: int, side: int, limit: int) -> tuple[int, int]:
