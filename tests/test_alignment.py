@@ -516,8 +516,10 @@ def test_alignment_configs_instantiate():
     GlobalHydra.instance().clear()
     expected = {
         "token_wise": (TokenWiseScorer, "threshold", 0.163),
-        "mask_prompt": (MaskPromptScorer, "argmax", None),
-        "masked_crop_clip": (MaskedCropClipScorer, "argmax", None),
+        # the crop scorers: Eq. 1's argmax; 0.2 is what manipulate.py's strict default refuses
+        # under (assumed)
+        "mask_prompt": (MaskPromptScorer, "argmax", 0.2),
+        "masked_crop_clip": (MaskedCropClipScorer, "argmax", 0.2),
     }
     for name, cfg in cfgs.items():
         aligner = instantiate(cfg.alignment, segmenter=None)
