@@ -6,10 +6,10 @@ The app is built as `python -m semani.app [overrides]` builds it: the configured
 ShapesWorld ones. A screenshot worth showing needs the trained ShapesWorld models
 (`make shapes-models`: pretrained/semani_diff_shapes, pretrained/entityseg_shapes,
 pretrained/clip/semani-shapes-ViT.pt) and the ShapesWorld test images (`shapes.examples_dir`);
-with random models the page works but the edit means nothing. The first test image is uploaded,
-its first entity named and recoloured ("circle" -> "a blue circle", as the app's examples are),
-Edit is pressed, and the page down to the result is captured, scaled to `--width` px and saved
-as a palette PNG (about 100 kB).
+with random models the page works but the edit means nothing. The first test image (or
+`--example k`) is uploaded, its first entity named and recoloured ("circle" -> "a blue
+circle", as the app's examples are), Edit is pressed, and the page down to the result is
+captured, scaled to `--width` px and saved as a palette PNG (about 100 kB).
 
 Chromium is driven by playwright without `playwright install` (nothing is downloaded):
 `pip install -e ".[browser]"` and Debian's `apt-get install chromium` (or `--chromium <binary>`,
@@ -162,17 +162,18 @@ def screenshot(
     width: int = 960,
     chromium: str | None = None,
     context: Any = None,
+    example: int = 0,
 ) -> dict[str, Any]:
-    """Serve the app of `cfg`, edit its first ShapesWorld example in Chromium (a new one, or
-    the playwright browser `context` given) and save the page down to the result as `out`;
-    returns the example, the message and the file's size. SystemExit when something is missing
-    or the edit did not happen."""
+    """Serve the app of `cfg`, edit its ShapesWorld example number `example` (0: the first) in
+    Chromium (a new one, or the playwright browser `context` given) and save the page down to
+    the result as `out`; returns the example, the message and the file's size. SystemExit when
+    something is missing or the edit did not happen."""
     from semani.app import launch, shapes_examples
 
     executable = find_chromium(chromium)
     if executable is None and context is None:
         raise SystemExit("error: no Chromium: apt-get install chromium (or --chromium <binary>)")
-    examples = shapes_examples(cfg.shapes.examples_dir, 1)
+    examples = shapes_examples(cfg.shapes.examples_dir, example + 1)[example:]
     if not examples:
         raise SystemExit(
             f"error: no ShapesWorld test images in {cfg.shapes.examples_dir}: python "
@@ -206,10 +207,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/app_screenshot.png"))
     parser.add_argument("--width", type=int, default=960, help="the saved image's width (px)")
     parser.add_argument("--chromium", default=None, help="the Chromium binary (default: PATH)")
+    parser.add_argument("--example", type=int, default=0,
+                        help="which ShapesWorld test image (0: the first)")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="configs/app.yaml overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    screenshot(compose_app(args.overrides), args.out, args.width, args.chromium)
+    screenshot(
+        compose_app(args.overrides), args.out, args.width, args.chromium, example=args.example
+    )
 
 
 if __name__ == "__main__":

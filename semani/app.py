@@ -180,7 +180,7 @@ def shapes_examples(root: str | os.PathLike, n: int) -> list[list[str]]:
     """[image path, entity, text] for the first `n` ShapesWorld test images: each image's first
     entity, recoloured ("circle" -> "a blue circle"); [] when there is no ShapesWorld at `root`."""
     from semani.data.base import load_filenames
-    from semani.data.shapes_generator import COLORS
+    from semani.data.shapes_generator import COLORS, with_article
 
     root = Path(root)
     try:
@@ -191,7 +191,7 @@ def shapes_examples(root: str | os.PathLike, n: int) -> list[list[str]]:
             colours = list(COLORS)
             new = colours[(colours.index(entity["color"]) + 1) % len(colours)]
             image = root / "CUB_200_2011" / "images" / f"{key}.png"
-            rows.append([str(image), entity["name"], f"a {new} {entity['name']}"])
+            rows.append([str(image), entity["name"], with_article(f"{new} {entity['name']}")])
         return rows
     except (OSError, ValueError, KeyError, IndexError) as err:
         log.info("no ShapesWorld examples from %s: %s", root, one_line(err))

@@ -407,6 +407,9 @@ def test_configured_models_offer_the_shapes_examples(
     models = load_models(cfg)
     assert models.kind == "configured" and models.notice == ""
     assert len(models.examples) == 3 and all(Path(row[0]).is_file() for row in models.examples)
+    for _, entity, text in models.examples:  # another colour, with its article ("an orange")
+        assert text.endswith(f" {entity}") and text.split()[0] in ("a", "an")
+        assert (text.split()[0] == "an") == (text.split()[1][0] in "aeiou")
     assert _examples_label(build_app(cfg, models)) == ["ShapesWorld examples (test images, 64 px)"]
     cfg = compose("app", [*base, f"shapes.examples_dir={tmp_path / 'none'}"], tmp_path)
     models = load_models(cfg)
