@@ -15,6 +15,15 @@ def _torch_threads() -> None:
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """semani's on-disk cache (semani.utils.disk_cache) in the session's temporary folder, not
+    the user's ~/.cache."""
+    import os
+
+    os.environ["SEMANI_CACHE_DIR"] = str(tmp_path_factory.mktemp("semani_cache"))
+
+
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ShapesWorld data set (32 train / 8 test images, 64 px) in the CUB-like layout."""

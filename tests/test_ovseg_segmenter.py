@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import open_clip
@@ -393,3 +394,67 @@ def test_real_swin_b_maskformer_loads_strictly_and_segments(tmp_path: Path):
     props = seg.segment(image)  # resized to 640 x 640, as OVSeg's test input
     assert props.masks.shape[1:] == (256, 256) and len(props) <= 5
     assert torch.all(props.scores[:-1] >= props.scores[1:])
+
+
+def test_vocabulary_embeddings_are_kept_in_the_users_cache(
+    tmp_path: Path, arch: OVSegArch, model: nn.Module, tiny_clip: ClipModel, monkeypatch
+):
+    """A second segmenter of the same checkpoint and names reads the embeddings from
+    $SEMANI_CACHE_DIR instead of running the CLIP; other names, another checkpoint file, an
+    unreadable entry or cache_vocabulary=False compute them."""
+    ckpt = _ovseg_checkpoint(model, arch, torch.randn(32))
+    for k, v in tiny_clip.model.state_dict().items():
+        ckpt["model"][OVSEG_CLIP_PREFIX + k] = v.clone()
+    path = tmp_path / "ovseg.pth"
+    torch.save(ckpt, path)
+    monkeypatch.setenv("SEMANI_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+    embed = OVSegSegmenter._embed_vocabulary
+
+    def counted(self, *args):
+        calls.append(args[-1])
+        return embed(self, *args)
+
+    monkeypatch.setattr(OVSegSegmenter, "_embed_vocabulary", counted)
+
+    def build(names, **kw):
+        return OVSegSegmenter(path, arch=TINY, clip_model_name=TINY_QUICKGELU, vocabulary=names,
+                              min_size=64, **kw)  # fmt: skip
+
+    first = build(["bird", "tree"])
+    entries = list((tmp_path / "cache" / "ovseg_vocabulary").glob("*.pt"))
+    assert len(entries) == 1 and calls == [["bird", "tree"]]
+    second = build(["bird", "tree"])
+    assert calls == [["bird", "tree"]]  # not embedded again
+    torch.testing.assert_close(second.text_embeddings, first.text_embeddings)
+    build(["bird", "sky"])
+    assert calls[-1] == ["bird", "sky"] and len(calls) == 2
+    entries[0].write_bytes(b"not a torch file")  # a broken entry: computed and rewritten
+    torch.testing.assert_close(build(["bird", "tree"]).text_embeddings, first.text_embeddings)
+    assert len(calls) == 3
+    build(["bird", "tree"])  # and read back
+    assert len(calls) == 3
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    build(["bird", "tree"])  # the checkpoint was replaced: computed again
+    assert len(calls) == 4
+    before = sorted(p.name for p in (tmp_path / "cache" / "ovseg_vocabulary").iterdir())
+    build(["owl"], cache_vocabulary=False)
+    build(["owl"], cache_vocabulary=False)
+    assert len(calls) == 6
+    assert sorted(p.name for p in (tmp_path / "cache" / "ovseg_vocabulary").iterdir()) == before
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path: Path) -> None:
+    from semani.utils.disk_cache import cache_dir, file_key
+
+    monkeypatch.setenv("SEMANI_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("SEMANI_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "semani"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "semani"
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"x")
+    assert file_key(f, n=1) == file_key(f, n=1) != file_key(f, n=2)

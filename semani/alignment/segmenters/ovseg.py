@@ -74,6 +74,7 @@ from semani.utils.checkpoint import (
     load_checkpoint,
     load_state_dict_strict,
 )
+from semani.utils.disk_cache import cache_dir, file_key, load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -444,6 +445,10 @@ class OVSegSegmenter:
     templates. text_embeddings: (C, D) normalised class embeddings to use instead (the CLIP is then
     not loaded). min_size, max_size: the test-time resize (OVSeg: 640, 2560).
     arch: ``OVSegArch`` or a mapping of its fields to override (tests); None: OVSeg's Swin-B.
+    cache_vocabulary: keep the vocabulary's embeddings in the user's cache
+    (`semani.utils.disk_cache`, keyed by the checkpoint file, the CLIP name, the names and the
+    templates): the next process skips loading the CLIP and its text tower (ViT-L/14 over
+    C x 14 prompts: half a minute per start on a CPU).
     """
 
     def __init__(
@@ -460,6 +465,7 @@ class OVSegSegmenter:
         min_size: int = 640,
         max_size: int = 2560,
         arch: OVSegArch | Mapping | None = None,
+        cache_vocabulary: bool = True,
     ) -> None:
         self.threshold, self.mask_threshold = threshold, mask_threshold
         self.min_area_frac, self.max_proposals = min_area_frac, max_proposals
@@ -499,7 +505,9 @@ class OVSegSegmenter:
 
         if text_embeddings is None:
             self.vocabulary: list[str] | None = list(vocabulary or GENERIC_VOCABULARY)
-            text_embeddings = self._embed_vocabulary(source, clip_model_name, self.vocabulary)
+            text_embeddings = self._vocabulary_embeddings(
+                source, clip_model_name, self.vocabulary, cache_vocabulary
+            )
         else:
             self.vocabulary = list(vocabulary) if vocabulary is not None else None
         if text_embeddings.dim() != 2 or text_embeddings.shape[1] != self.arch.embedding_dim:
@@ -517,6 +525,26 @@ class OVSegSegmenter:
             self.text_embeddings.shape[0],
             self.device,
         )
+
+    def _vocabulary_embeddings(
+        self, source: str, clip_name: str, vocabulary: list[str], cache: bool
+    ) -> Tensor:
+        """The vocabulary's embeddings: from the user's cache when they are there, else
+        computed (and kept there when `cache`)."""
+        if not cache:
+            return self._embed_vocabulary(source, clip_name, vocabulary)
+        key = file_key(source, clip=clip_name, vocabulary=vocabulary, templates=VILD_TEMPLATES)
+        path = cache_dir() / "ovseg_vocabulary" / f"{key}.pt"
+        kept = load_tensors(path)
+        emb = kept.get("embeddings") if kept is not None else None
+        want = (len(vocabulary), self.arch.embedding_dim)
+        if isinstance(emb, Tensor) and tuple(emb.shape) == want:
+            log.info("OVSeg vocabulary embeddings (%d names) from the cache %s", len(emb), path)
+            return emb
+        emb = self._embed_vocabulary(source, clip_name, vocabulary)
+        save_tensors(path, {"embeddings": emb.detach().float().cpu(), "vocabulary": vocabulary,
+                            "clip": clip_name, "checkpoint": source})  # fmt: skip
+        return emb
 
     def _embed_vocabulary(self, source: str, clip_name: str, vocabulary: list[str]) -> Tensor:
         """The vocabulary through the checkpoint's own CLIP (loaded strictly, then dropped)."""
