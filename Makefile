@@ -64,6 +64,7 @@ bench: install
 	$(PY) scripts/bench/trans_train_step.py
 	$(PY) scripts/bench/alignment.py
 	$(PY) scripts/bench/diff_editor.py
+	$(PY) scripts/bench/ovseg_start.py
 
 clean:
 	rm -rf .pytest_cache .ruff_cache outputs multirun
