@@ -60,7 +60,16 @@ from semani.utils.weights import missing_weights
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EditOutputs", "Models", "build_app", "launch", "load_models", "main", "run_edit"]
+__all__ = [
+    "EditOutputs",
+    "Models",
+    "build_app",
+    "launch",
+    "load_models",
+    "main",
+    "run_edit",
+    "shapes_pipeline",
+]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 # the table's columns before any proposal
@@ -139,6 +148,12 @@ def _shapes_config(cfg: DictConfig) -> DictConfig:
     )
 
 
+def shapes_pipeline(cfg: DictConfig) -> EntityEditPipeline:
+    """The ShapesWorld fallback's pipeline (`cfg.shapes`, with `cfg.alignment`'s rule): what
+    the app uses when the configured models cannot be loaded."""
+    return _build(_shapes_config(cfg))
+
+
 def _reason(err: BaseException) -> str:
     if isinstance(err, MissingWeightsError):
         return "missing " + ", ".join(f"`{f}`" for f in err.files)
@@ -159,7 +174,7 @@ def load_models(cfg: DictConfig) -> Models:
     if not cfg.shapes.enabled:
         return Models(notice=f"**No models loaded.** {notice}")
     try:
-        pipeline = _build(_shapes_config(cfg))
+        pipeline = shapes_pipeline(cfg)
     except USER_ERRORS as err:
         log.warning("the ShapesWorld models cannot be loaded either: %s", one_line(err))
         log.debug("ShapesWorld models", exc_info=True)
