@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,29 +72,36 @@ def test_set(fmt: str, data: Path, instances: Path | None, image_size: int) -> t
     return dataset, vocabulary
 
 
-def plan(
+def cases(
     dataset: Any, vocabulary: list[str], start: int, n: int, seed: int
-) -> list[tuple[int, int, str, str]]:
-    """(image index, entity index, present word, absent word) for images start .. start+n-1
-    that have an entity with a unique name and miss a vocabulary word."""
+) -> Iterator[tuple[int, dict, int, str, str]]:
+    """(image index, its sample, entity index, present word, absent word) for images start ..
+    start+n-1 that have an entity with a unique name and miss a vocabulary word; each image is
+    read once."""
     rng = np.random.default_rng(seed)
-    out = []
     for i in range(start, min(start + n, len(dataset))):
-        names = list(dataset[i].get("entity_names") or [])
+        sample = dataset[i]
+        names = list(sample.get("entity_names") or [])
         unique = [k for k, name in enumerate(names) if names.count(name) == 1]
         absent = [w for w in vocabulary if w not in names]
         if unique and absent:
             k = unique[int(rng.integers(len(unique)))]
-            out.append((i, k, names[k], absent[int(rng.integers(len(absent)))]))
-    return out
+            yield i, sample, k, names[k], absent[int(rng.integers(len(absent)))]
 
 
-def best_scores(pipe: Any, dataset: Any, cases: list, vocabulary: list[str]) -> list[dict]:
-    """Per case: the present and absent words' best similarities, whether the present word's
-    best proposal is the entity (IoU >= 0.5), and the vocabulary rule for both words."""
+def plan(
+    dataset: Any, vocabulary: list[str], start: int, n: int, seed: int
+) -> list[tuple[int, int, str, str]]:
+    """The (image index, entity index, present word, absent word) of `cases`."""
+    return [(i, k, p, a) for i, _, k, p, a in cases(dataset, vocabulary, start, n, seed)]
+
+
+def best_scores(pipe: Any, drawn: Iterable[tuple], vocabulary: list[str]) -> list[dict]:
+    """Per case of `drawn` (`cases`): the present and absent words' best similarities, whether the
+    present word's best proposal is the entity (IoU >= 0.5), and the vocabulary rule for both
+    words."""
     rows = []
-    for i, k, present, absent in cases:
-        sample = dataset[i]
+    for i, sample, k, present, absent in drawn:
         image = sample["image"]
         row: dict[str, Any] = {"index": i, "present": present, "absent": absent}
         with torch.inference_mode():
@@ -157,7 +165,7 @@ def measure(rows: list[dict], threshold: float | None) -> dict:
 
 def app_shapes_pipeline(models: Path, overrides: list[str] = ()) -> Any:
     """The app's ShapesWorld fallback pipeline (`configs/app.yaml`, `shapes`) on `models`."""
-    from semani.app import _build, _shapes_config
+    from semani.app import shapes_pipeline
     from semani.tasks.shapes_report import compose_config, hydra_value
 
     cfg = compose_config(
@@ -165,7 +173,7 @@ def app_shapes_pipeline(models: Path, overrides: list[str] = ()) -> Any:
                 *overrides],
     )  # fmt: skip
     torch.manual_seed(0)
-    return _build(_shapes_config(cfg))
+    return shapes_pipeline(cfg)
 
 
 def run(
@@ -182,8 +190,8 @@ def run(
         pipe, method = app_shapes_pipeline(models, overrides), "app (ShapesWorld fallback)"
     else:
         pipe = build_pipeline(method, models, overrides)
-    calibration = best_scores(pipe, dataset, plan(dataset, vocabulary, 0, n, seed), vocabulary)
-    held_out = best_scores(pipe, dataset, plan(dataset, vocabulary, n, n, seed + 1), vocabulary)
+    calibration = best_scores(pipe, cases(dataset, vocabulary, 0, n, seed), vocabulary)
+    held_out = best_scores(pipe, cases(dataset, vocabulary, n, n, seed + 1), vocabulary)
     threshold = calibrate(calibration)
     aligner = pipe.aligner
     strict = aligner.threshold_mode == "strict"
