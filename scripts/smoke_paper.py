@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from semani.evaluation.stage_figures import hydra_value
+from semani.tasks.shapes_report import PAPER_SELECTION
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_PARAMS = {"transformer": 152e6, "unet": 866e6}
@@ -248,7 +249,7 @@ def _edit(method: str, *extra: str) -> Callable[[Context], list[str]]:
             "entity=cat",
             "text=a snow leopard",
             ANY_PROPOSAL,
-            PAPER_ARGMAX,
+            *PAPER_SELECTION,  # random scorers are under every threshold: Eq. 1's argmax
             *steps,
             *extra,
             f"out={hydra_value(c.run_dir('edit_' + method) / 'edits')}",
@@ -265,9 +266,6 @@ PHOTO_TRANS_ALIGNMENT = "alignment/segmenter=ovseg"
 # random segmenter weights score every query low: keep all, so that an entity is found and
 # edited (the released models' proposals pass the configs' thresholds)
 ANY_PROPOSAL = "alignment.segmenter.threshold=0.0"
-# and score every word low: the photo edits take the paper's argmax (Eq. 1), not manipulate.py's
-# strict default, which would refuse the word
-PAPER_ARGMAX = "alignment.threshold_mode=keep_best"
 STEPS: tuple[Step, ...] = (
     Step(
         "weights",

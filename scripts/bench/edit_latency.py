@@ -35,7 +35,12 @@ from pathlib import Path
 
 import torch
 
-from semani.tasks.shapes_report import compose_config, hydra_value, shapes_test_set
+from semani.tasks.shapes_report import (
+    PAPER_SELECTION,
+    compose_config,
+    hydra_value,
+    shapes_test_set,
+)
 from semani.utils.image_io import read_image
 
 log = logging.getLogger("bench.edit_latency")
@@ -93,7 +98,7 @@ def main() -> None:
         "image=unused", "text=unused", f"editor.device={args.device}",
         # the paper's argmax: a refusal under manipulate.py's strict default would stop the
         # timing, and the alignment costs the same either way
-        "alignment.threshold_mode=keep_best", *args.overrides,
+        *PAPER_SELECTION, *args.overrides,
     ])  # fmt: skip
     check_weights(cfg)
     torch.manual_seed(0)
