@@ -25,8 +25,10 @@ Each reports ``false_edit_rate`` (absent words whose best proposal reaches the t
 anyway), ``refused_present`` (present words under it: not found although there) and
 ``aligned_present`` (present words found whose best proposal has IoU >= 0.5 with the entity);
 ``vocabulary_rule`` asks instead whether the word is, among the whole vocabulary, the best name
-of its best proposal (an open-vocabulary classification, no threshold). ``--untrained`` measures
-the same for `<models>/untrained` (make quickstart's twins). Prints one JSON line per model set.
+of its best proposal (an open-vocabulary classification, no threshold); ``named``: how often the
+present word is its entity's best name on the entity's true mask and on that best proposal (what
+bounds both rules). ``--untrained`` measures the same for `<models>/untrained` (make
+quickstart's twins). Prints one JSON line per model set.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import numpy as np
 import torch
 
 from semani.alignment.segmenters.common import mask_iou
+from semani.alignment.types import EntityProposals
 from semani.data.shapes_generator import SHAPES
 from semani.tasks.shapes_report import build_pipeline, shapes_test_set
 
@@ -121,6 +124,13 @@ def best_scores(pipe: Any, drawn: Iterable[tuple], vocabulary: list[str]) -> lis
                 gt = sample["entity_masks"][k] > 0.5
                 iou = mask_iou(proposals.masks[top : top + 1].cpu(), gt[None])[0, 0]
                 row["present_aligned"] = bool(iou >= 0.5)
+        # what bounds the rules: is the word its entity's best name on the entity's true mask?
+        true = EntityProposals((sample["entity_masks"][k] > 0.5)[None], torch.ones(1))
+        with torch.inference_mode():
+            on_true = torch.stack([pipe.aligner.scorer(image, true, w) for w in vocabulary])
+        row["present_named_on_true_mask"] = (
+            vocabulary[int(on_true[:, 0].nan_to_num(-2).argmax())] == present
+        )
         rows.append(row)
     return rows
 
@@ -159,6 +169,14 @@ def measure(rows: list[dict], threshold: float | None) -> dict:
             "refused_present": round(
                 1 - sum(r.get("present_top_class", False) for r in rows) / n, 3
             ),
+        },
+        # the present word is its entity's best name among the vocabulary's, on the entity's
+        # true mask and on the word's best proposal
+        "named": {
+            "true_mask": round(
+                sum(r.get("present_named_on_true_mask", False) for r in rows) / n, 3
+            ),
+            "best_proposal": round(sum(r.get("present_top_class", False) for r in rows) / n, 3),
         },
     }
 

@@ -19,7 +19,8 @@ check = load_script("check_not_found")
 
 def _row(present: float, absent: float, aligned: bool = True) -> dict:
     return {"present_best": present, "absent_best": absent, "present_aligned": aligned,
-            "present_top_class": present > absent, "absent_top_class": False}  # fmt: skip
+            "present_top_class": present > absent, "absent_top_class": False,
+            "present_named_on_true_mask": aligned}  # fmt: skip
 
 
 def test_plans_name_a_unique_entity_and_a_vocabulary_word_it_lacks(
@@ -58,6 +59,7 @@ def test_calibration_and_rates() -> None:
     m = check.measure(rows, 0.55)
     assert (m["false_edit_rate"], m["refused_present"], m["aligned_present"]) == (0.25, 0.25, 0.5)
     assert m["vocabulary_rule"] == {"false_edit_rate": 0.0, "refused_present": 0.0}
+    assert m["named"] == {"true_mask": 0.75, "best_proposal": 1.0}
     keep_best = check.measure(rows + [_row(0.5, float("-inf"))], None)  # nothing to edit: -inf
     assert keep_best["false_edit_rate"] == 0.8 and keep_best["refused_present"] == 0.0
 
@@ -81,6 +83,7 @@ def test_run_measures_the_configured_default_and_a_calibrated_threshold(
     assert configured["n"] == n > 0
     for m in (configured, calibrated["calibration"], calibrated["held_out"]):
         assert 0 <= m["false_edit_rate"] <= 1 and 0 <= m["refused_present"] <= 1
+        assert all(0 <= v <= 1 for v in m["named"].values())
     assert result["keep_best"]["refused_present"] == 0.0
     assert result["keep_best"]["false_edit_rate"] >= configured["false_edit_rate"]
     keep_best = check.run("semani_diff", tmp_path, dataset, vocabulary, 3, 0,
